@@ -1,0 +1,152 @@
+"""The one typed configuration. Defaults are the SimCLR CIFAR-10 ResNet-18 recipe.
+
+Every key here is part of the public contract (CLI overrides, config.yaml in each run, checkpoints).
+Allowed values and ranges are declared next to the field (``CHOICES`` and ``RANGES``) and enforced by
+``configs.load``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | folder | synthetic
+    # cifar10: a directory holding cifar-10-batches-py. folder: an image-folder directory or a .tar/.tar.gz/.tar.xz
+    # archive of one (train/<class>/*, test/<class>/*). Kept outside the source tree.
+    root: str = "~/.cache/simclr/cifar10"
+    download: bool = True  # cifar10 only: fetch from the internet when root holds no copy
+    cache_dir: str = "~/.cache/simclr/decoded"  # decoded uint8 arrays of folder/archive sources
+    val_size: int = 5000  # images held out of train, class-balanced, for kNN monitoring and model selection
+    train_limit: int = 0  # cap on training images (class-balanced); 0 = all
+    split_seed: int = 0  # fixes the validation split independently of `seed`, so runs share one val set
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | vit_tiny | vit_small
+    width: Optional[int] = None  # ResNet base width (64 = standard); None = the architecture's own
+    proj_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLR v2 head
+    proj_hidden_dim: Optional[int] = None  # None = the encoder's feature dimension
+    proj_dim: int = 128
+    sync_bn: bool = True  # global batch norm across processes (ResNets, world size > 1)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.5
+    impl: str = "auto"  # auto | reference | fused
+
+
+@dataclass
+class AugConfig:
+    strength: float = 0.5  # colour jitter strength s: brightness/contrast/saturation 0.8 s, hue 0.2 s
+    min_scale: float = 0.08  # random resized crop: smallest area fraction
+    jitter_prob: float = 0.8
+    gray_prob: float = 0.2
+    blur_prob: float = 0.0  # off for CIFAR (paper B.9)
+    solarize_prob: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1000
+    batch_size: int = 512  # global: summed over all processes
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    log_every: int = 50  # steps between reads of device-side metrics (each read is a host sync)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | sgd | adamw
+    base_lr: float = 1.0  # effective lr = base_lr x global batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # lars, sgd
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio x effective lr
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 10  # epochs between kNN evaluations on the validation split; 0 = off
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs"
+    name: str = ""  # empty = <arch>-<data.name>-s<seed>
+    resume: str = "auto"  # auto | never | <path to a checkpoint>
+    ckpt_every: int = 1  # epochs between checkpoints (also written at the end)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "simclr-cifar10"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    notes: Optional[str] = None
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")
+
+# Allowed values of string keys. An entry of None in a tuple is not used; paths are free-form.
+CHOICES = {
+    "device": None,  # checked by engine.device
+    "data.name": ("cifar10", "folder", "synthetic"),
+    "model.arch": ARCHS,
+    "loss.impl": ("auto", "reference", "fused"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "optim.name": ("lars", "sgd", "adamw"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+}
+
+# (low, high, low_inclusive) for numeric keys; high None = unbounded.
+RANGES = {
+    "data.val_size": (0, None, True),
+    "data.train_limit": (0, None, True),
+    "model.width": (1, None, True),
+    "model.proj_layers": (1, None, True),
+    "model.proj_hidden_dim": (1, None, True),
+    "model.proj_dim": (1, None, True),
+    "loss.temperature": (0, None, False),
+    "aug.strength": (0, 2.5, True),  # hue range 0.2 s must stay within [-0.5, 0.5]
+    "aug.min_scale": (0, 1, False),
+    "aug.jitter_prob": (0, 1, True),
+    "aug.gray_prob": (0, 1, True),
+    "aug.blur_prob": (0, 1, True),
+    "aug.solarize_prob": (0, 1, True),
+    "train.epochs": (1, None, True),
+    "train.batch_size": (1, None, True),
+    "train.log_every": (1, None, True),
+    "optim.base_lr": (0, None, False),
+    "optim.weight_decay": (0, None, True),
+    "optim.momentum": (0, 1, True),
+    "optim.warmup_epochs": (0, None, True),
+    "optim.min_lr_ratio": (0, 1, True),
+    "eval.knn_every": (0, None, True),
+    "eval.knn_k": (1, None, True),
+    "eval.knn_temperature": (0, None, False),
+    "run.ckpt_every": (1, None, True),
+}

@@ -1,0 +1,49 @@
+"""Deterministic, class-balanced subsets: the validation split, training caps and (later) label fractions.
+
+Each class's samples are put in one seeded random order. A subset of k per class is a prefix of that order,
+so subsets drawn with the same seed are nested and identical across runs and machines.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+def class_ranks(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """rank[i]: position of sample i in its class's seeded shuffle. labels: int64 [N] -> int64 [N]."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(labels.numel(), generator=g)
+    # Stable sort by label of a random permutation = per-class random order.
+    by_class = order[torch.sort(labels[order], stable=True).indices]
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(labels)
+    ranks[by_class] = torch.arange(labels.numel()) - starts[labels[by_class]]
+    return ranks
+
+
+def balanced_counts(total: int, num_classes: int) -> torch.Tensor:
+    """``total`` spread over classes as evenly as possible (the first classes take the remainder)."""
+    counts = torch.full((num_classes,), total // num_classes, dtype=torch.int64)
+    counts[: total % num_classes] += 1
+    return counts
+
+
+def split_train_val(labels: torch.Tensor, val_size: int, train_limit: int = 0, seed: int = 0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ascending) of the training and validation samples.
+
+    ``val_size`` samples, class-balanced, are held out; ``train_limit`` > 0 caps the rest, class-balanced too.
+    """
+    num_classes = int(labels.max()) + 1
+    class_sizes = torch.bincount(labels, minlength=num_classes)
+    val_counts = balanced_counts(val_size, num_classes)
+    if bool((val_counts >= class_sizes).any()):
+        raise ValueError(f"val_size={val_size} leaves no training images in some class (sizes {class_sizes.tolist()})")
+    ranks = class_ranks(labels, seed)
+    is_val = ranks < val_counts[labels]
+    is_train = ~is_val
+    if train_limit > 0:
+        is_train &= (ranks - val_counts[labels]) < balanced_counts(train_limit, num_classes)[labels]
+    return is_train.nonzero().squeeze(1), is_val.nonzero().squeeze(1)

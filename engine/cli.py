@@ -1,0 +1,25 @@
+"""How entrypoints fail on bad input: one `error:` line on stderr, exit status 2, no traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """Bad input from the person running the command (config, data, checkpoint, hardware request).
+
+    Raised anywhere; turned into a single `error: ...` line by :func:`run_cli`. Programming errors keep
+    their tracebacks.
+    """
+
+
+def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
+    """Call ``main(argv)`` and map :class:`UserError` to an `error:` line and exit status 2."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
