@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
+
+from engine.checkpoint import atomic_save
 
 CACHE_FORMAT = 1  # bump when the decoded layout changes, so old caches are ignored
 
@@ -47,20 +47,3 @@ def cached(cache_dir: Path, key: str, build: Callable[[], Dict[str, object]]) ->
         print(f"data: could not write cache {file} ({err})", file=sys.stderr)
     return value
 
-
-def atomic_save(obj: object, file: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``file``.
-
-    Readers see either the old file or the complete new one, even if this process is killed mid-write.
-    """
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp", delete=False)
-    try:
-        with tmp:
-            torch.save(obj, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, file)
-    except BaseException:
-        Path(tmp.name).unlink(missing_ok=True)
-        raise

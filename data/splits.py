@@ -9,6 +9,8 @@ from typing import Tuple
 
 import torch
 
+from engine.cli import UserError
+
 
 def class_ranks(labels: torch.Tensor, seed: int) -> torch.Tensor:
     """rank[i]: position of sample i in its class's seeded shuffle. labels: int64 [N] -> int64 [N]."""
@@ -40,7 +42,8 @@ def split_train_val(labels: torch.Tensor, val_size: int, train_limit: int = 0, s
     class_sizes = torch.bincount(labels, minlength=num_classes)
     val_counts = balanced_counts(val_size, num_classes)
     if bool((val_counts >= class_sizes).any()):
-        raise ValueError(f"val_size={val_size} leaves no training images in some class (sizes {class_sizes.tolist()})")
+        raise UserError(f"data.val_size={val_size} leaves no training images in some class "
+                        f"(class sizes {class_sizes.tolist()})")
     ranks = class_ranks(labels, seed)
     is_val = ranks < val_counts[labels]
     is_train = ~is_val

@@ -1,0 +1,49 @@
+"""Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018), used to monitor pretraining."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from augment.ops import normalize
+from engine.device import autocast
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int = 1024,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Encoder features of uint8 images [N, 3, H, W] (on the encoder's device), eval mode -> float32 [N, d]."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = normalize(images[start:start + batch_size].float().div_(255), mean, std)
+        with autocast(x.device, dtype):
+            out.append(encoder(x).float())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores [Q, C]: each query's k most cosine-similar bank rows vote with weight exp(similarity / T).
+
+    bank: [M, d], bank_labels: int64 [M], queries: [Q, d].
+    """
+    bank = F.normalize(bank.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, queries.shape[0], chunk):  # bounds memory at chunk x M similarities
+        q = F.normalize(queries[start:start + chunk].float(), dim=1)
+        sims, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes, device=q.device)
+        scores.append(votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             **kw) -> float:
+    """Top-1 accuracy in percent of :func:`knn_predict` on labeled queries."""
+    pred = knn_predict(bank, bank_labels, queries, **kw).argmax(dim=1)
+    return 100.0 * (pred == query_labels).float().mean().item()

@@ -1,0 +1,25 @@
+"""What to watch in a contrastive run besides the loss (Wang & Isola 2020; SimCLR's positive/negative similarity)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def embedding_stats(z1: torch.Tensor, z2: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Diagnostics of two views' embeddings [n, d] (n >= 2), as 0-dim tensors (no host sync).
+
+    pos_cos: mean cosine of positive pairs. neg_cos: mean cosine over all other pairs of the 2n views.
+    align: mean squared distance of positive pairs on the sphere (lower is better).
+    uniform: log mean exp(-2 squared distance) over pairs of view-1 embeddings (lower is more uniform).
+    """
+    u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    n = u1.shape[0]
+    pos = (u1 * u2).sum(dim=1)
+    total = torch.cat([u1, u2]).sum(dim=0).square().sum()  # sum of all (2n)^2 cosines, in O(n d)
+    neg = (total - 2 * n - 2 * pos.sum()) / (4 * n * n - 4 * n)  # minus self-pairs and positive pairs
+    sq_dists = torch.pdist(u1).square()
+    return {"pos_cos": pos.mean(), "neg_cos": neg, "align": (u1 - u2).square().sum(dim=1).mean(),
+            "uniform": sq_dists.mul(-2).exp().mean().log()}

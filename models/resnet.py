@@ -1,0 +1,56 @@
+"""ResNets with the CIFAR stem (3x3 stride-1 first conv, no max-pool), built from torchvision's own blocks.
+
+Module names match torchvision's ResNet (conv1, bn1, layer1..layer4), so with width 64 the parameters are
+torchvision's minus ``fc`` and with a 3x3 instead of a 7x7 first conv.
+"""
+from __future__ import annotations
+
+from typing import Type, Union
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+Block = Type[Union[BasicBlock, Bottleneck]]
+LAYOUTS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 4, 6, 3)),
+           "resnet50": (Bottleneck, (3, 4, 6, 3))}
+
+
+class CifarResNet(nn.Module):
+    """Backbone only: images [B, 3, H, W] -> pooled features [B, feature_dim]."""
+
+    def __init__(self, block: Block, layers: tuple[int, ...], width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = width
+        stages = [self._make_layer(block, width * 2 ** i, n, stride=1 if i == 0 else 2) for i, n in enumerate(layers)]
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = width * 8 * block.expansion
+        for m in self.modules():  # torchvision's initialization
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block: Block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def cifar_resnet(arch: str, width: int = 64) -> CifarResNet:
+    """ResNet-18/34/50 with the CIFAR stem and base width ``width`` (64 = standard)."""
+    block, layers = LAYOUTS[arch]
+    return CifarResNet(block, layers, width)

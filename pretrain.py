@@ -1,0 +1,256 @@
+"""SimCLR pretraining. Run: python pretrain.py [--config FILE] [key=value ...]
+
+Without --config the defaults are the SimCLR CIFAR-10 ResNet-18 recipe (configs/schema.py). One step:
+uint8 batch on the device -> two augmented views -> encoder + head -> NT-Xent -> optimizer. The run directory
+<run.dir>/<run.name>/ gets config.yaml, metrics.jsonl, checkpoints/last.pt, encoder.pt and summary.json.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from augment import SimCLRAugment
+from configs.load import from_dict, load_config, to_dict, to_yaml
+from configs.schema import PretrainConfig
+from data import EpochSampler, derived_seed, load_source, split_train_val
+from engine import dist
+from engine.checkpoint import atomic_save, load_file, load_strict
+from engine.cli import UserError, run_cli
+from engine.device import autocast, resolve_device, resolve_precision
+from engine.knn import extract_features, knn_top1
+from engine.optim import create_optimizer, effective_lr, lr_at
+from engine.tracking import MetricsLog, format_metrics, wandb_note, write_json
+from losses.diagnostics import embedding_stats
+from models import SimCLR, create_encoder, projection_head
+
+
+def main(argv: Sequence[str]) -> dict:
+    # ---------------------------------------------------------------- config
+    cfg = load_config(argv, PretrainConfig)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    if cfg.loss.impl == "fused":
+        raise UserError("loss.impl=fused is not implemented yet; use loss.impl=auto or reference")
+    if cfg.eval.knn_every and not cfg.data.val_size:
+        raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
+    run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
+    resume = find_resume_state(cfg, run_dir)  # validated before anything is written
+    print(to_yaml(cfg), flush=True)
+
+    # ---------------------------------------------------------------- data: uint8 tensors resident on the device
+    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    train_idx, val_idx = split_train_val(data.train_labels, cfg.data.val_size, cfg.data.train_limit,
+                                         cfg.data.split_seed)
+    train_images, train_labels = data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device)
+    val_images, val_labels = data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device)
+    try:
+        sampler = EpochSampler(len(train_idx), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
+    except ValueError as err:
+        raise UserError(f"train.batch_size={cfg.train.batch_size}: {err}") from None
+    print(f"data: {len(train_idx)} train / {len(val_idx)} val images {tuple(train_images.shape[1:])} "
+          f"on {device}, {sampler.steps_per_epoch} steps per epoch", flush=True)
+
+    # ---------------------------------------------------------------- model, augmentation, optimizer
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
+                            gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
+                            solarize_prob=cfg.aug.solarize_prob)
+    peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
+    optimizer = create_optimizer(cfg.optim.name, model, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
+                                 momentum=cfg.optim.momentum)
+    total_steps = cfg.train.epochs * sampler.steps_per_epoch
+    schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=round(cfg.optim.warmup_epochs * sampler.steps_per_epoch),
+                       total_steps=total_steps, min_lr=cfg.optim.min_lr_ratio * peak_lr)
+    step_fn = torch.compile(model) if cfg.train.compile else model
+    start_epoch, step, best_knn = 0, 0, None
+    if resume is not None:
+        start_epoch, step, best_knn = restore(resume, model, optimizer)
+        print(f"resume: from epoch {start_epoch}, step {step} ({resume['_path']})", flush=True)
+
+    # ---------------------------------------------------------------- run directory
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
+    metrics.truncate_after(step if resume is not None else -1)
+    wandb_note(cfg.wandb.mode)
+    knn = partial(knn_eval, model.encoder, train_images, train_labels, val_images, val_labels, cfg, augment, dtype)
+    if cfg.eval.knn_every and step == 0:
+        best_knn = report(metrics, step, 0, {"knn/top1": knn()})
+
+    # ---------------------------------------------------------------- train
+    for epoch in range(start_epoch, cfg.train.epochs):
+        model.train()
+        loss_sum, tick, steps_since = torch.zeros((), device=device), time.perf_counter(), 0
+        batches = sampler.batches(epoch, device)
+        if sys.stderr.isatty() and dist.is_main():
+            batches = tqdm(batches, total=sampler.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
+        for idx in batches:
+            lr = schedule(step)
+            g = generator_for(device, derived_seed("augment", cfg.seed, step))
+            out = train_step(step_fn, optimizer, augment, train_images[idx], g, lr, device, dtype)
+            loss_sum += out["loss"].detach()
+            step, steps_since = step + 1, steps_since + 1
+            if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
+                loss = check_finite(loss_sum.item() / steps_since, step, ckpt_path)
+                views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
+                stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
+                record = metrics.log(step, step / sampler.steps_per_epoch, {
+                    "train/loss": loss, "train/lr": lr, "train/base_lr": cfg.optim.base_lr,
+                    "train/views_per_s": views_per_s, **stats})
+                if not isinstance(batches, tqdm) and dist.is_main():
+                    print(format_metrics(record), flush=True)
+                else:
+                    batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+                loss_sum.zero_()
+                steps_since, tick = 0, time.perf_counter()
+        done = epoch + 1
+        if cfg.eval.knn_every and (done % cfg.eval.knn_every == 0 or done == cfg.train.epochs):
+            top1 = report(metrics, step, done, {"knn/top1": knn()})
+            best_knn = top1 if best_knn is None else max(best_knn, top1)
+        if done % cfg.run.ckpt_every == 0 or done == cfg.train.epochs:
+            save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn)
+
+    # ---------------------------------------------------------------- finish
+    summary = {"step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(), **final_knn(metrics)}
+    if best_knn is not None:
+        summary["knn/best_top1"] = best_knn
+    if dist.is_main():
+        save_encoder(run_dir / "encoder.pt", model.encoder, cfg)
+        write_json(run_dir / "summary.json", summary)
+        print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+    return summary
+
+
+def build_model(cfg: PretrainConfig) -> SimCLR:
+    """Encoder + projection head + loss settings from the config."""
+    encoder = create_encoder(cfg.model.arch, cfg.model.width)
+    hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
+    head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers)
+    return SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1)
+
+
+def generator_for(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded from (seed, step): augmentation needs no RNG state to resume exactly."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch.Generator, lr: float,
+               device: torch.device, dtype: torch.dtype) -> dict:
+    """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W]; returns the model's output."""
+    view1, view2 = augment(images, generator)
+    if device.type == "cuda":
+        view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
+    with autocast(device, dtype):
+        out = model(view1, view2)
+    optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return out
+
+
+def knn_eval(encoder, bank_images, bank_labels, val_images, val_labels, cfg, augment, dtype) -> float:
+    """kNN top-1 (%) on the validation split with the training images as the memory bank."""
+    kw = dict(mean=augment.mean, std=augment.std, dtype=dtype)
+    bank, queries = extract_features(encoder, bank_images, **kw), extract_features(encoder, val_images, **kw)
+    num_classes = int(bank_labels.max()) + 1
+    return knn_top1(bank, bank_labels, queries, val_labels, num_classes=num_classes, k=cfg.eval.knn_k,
+                    temperature=cfg.eval.knn_temperature)
+
+
+def report(metrics: MetricsLog, step: int, epoch: float, values: dict) -> float:
+    """Log evaluation metrics and print them; returns the first value."""
+    record = metrics.log(step, epoch, values)
+    if dist.is_main():
+        print(format_metrics(record), flush=True)
+    return next(iter(values.values()))
+
+
+def final_knn(metrics: MetricsLog) -> dict:
+    """kNN top-1 at initialization and at the end, read back from metrics.jsonl (the source of truth)."""
+    import json
+
+    if not metrics.path.is_file():
+        return {}
+    knn = [json.loads(line) for line in metrics.path.read_text().splitlines() if '"knn/top1"' in line]
+    return {"knn/init_top1": knn[0]["knn/top1"], "knn/top1": knn[-1]["knn/top1"]} if knn else {}
+
+
+def check_finite(loss: float, step: int, ckpt_path: Path) -> float:
+    if not math.isfinite(loss):
+        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        raise UserError(f"loss became {loss} at step {step}; stopping ({kept}). Try a lower optim.base_lr")
+    return loss
+
+
+def save_checkpoint(path: Path, model: SimCLR, optimizer, cfg: PretrainConfig, step: int, epoch: int,
+                    best_knn: Optional[float]) -> None:
+    """Everything needed to continue exactly, from the unwrapped module; written atomically by rank 0."""
+    if dist.is_main():
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                     "config": to_dict(cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
+                     "git_sha": git_sha(), "wandb_run_id": None}, path)
+
+
+def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig) -> None:
+    """Backbone weights plus what rebuilds it: ``create_encoder(**file["arch"])``."""
+    atomic_save({"encoder": encoder.state_dict(), "arch": {"arch": cfg.model.arch, "width": cfg.model.width},
+                 "feature_dim": encoder.feature_dim, "config": to_dict(cfg), "git_sha": git_sha()}, path)
+
+
+def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
+    """The checkpoint to continue from, per run.resume (auto | never | PATH), checked against this config."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.run.resume == "never":
+        if last.exists() or (run_dir / "metrics.jsonl").exists():
+            raise UserError(f"run directory {str(run_dir)!r} already holds a run and run.resume=never; "
+                            "choose another run.name or use run.resume=auto")
+        return None
+    path = last if cfg.run.resume == "auto" else Path(cfg.run.resume).expanduser()
+    if cfg.run.resume == "auto" and not path.is_file():
+        return None
+    state = load_file(path)
+    if "model" not in state or "config" not in state:
+        raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
+    saved = from_dict(state["config"], PretrainConfig)
+    for section in ("model", "data"):
+        if asdict(getattr(saved, section)) != asdict(getattr(cfg, section)):
+            diff = {k: (v, asdict(getattr(cfg, section))[k]) for k, v in asdict(getattr(saved, section)).items()
+                    if asdict(getattr(cfg, section))[k] != v}
+            raise UserError(f"cannot resume {str(path)!r}: its {section} config differs "
+                            + ", ".join(f"{section}.{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                            + "; use another run.name or run.resume=never")
+    state["_path"] = str(path)
+    return state
+
+
+def restore(state: dict, model: SimCLR, optimizer) -> tuple[int, int, Optional[float]]:
+    load_strict(model, state["model"], "checkpoint")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["step"], state.get("best_knn")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,37 @@
+"""Shared helpers: paths, the CIFAR-10 archive, and running the real entrypoints in a subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def archive() -> Path:
+    if not ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 archive not found at {ARCHIVE}")
+    return ARCHIVE
+
+
+def run_entry(script: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python <script> args...`` from the repository root and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run_args(run_dir: Path, *extra: str) -> list[str]:
+    """A pretraining run on synthetic data that takes seconds on a CPU."""
+    return ["data.name=synthetic", "device=cpu", "model.width=4", "model.proj_dim=16", "data.val_size=200",
+            "data.train_limit=600", "train.batch_size=100", "train.epochs=2", "train.log_every=2",
+            "eval.knn_every=1", "eval.knn_k=20", "optim.warmup_epochs=0.5", f"run.dir={run_dir}", "run.name=tiny",
+            "wandb.mode=disabled", *extra]

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from losses import nt_xent
+from losses.diagnostics import embedding_stats
+
+
+def per_anchor_formula(z1, z2, t):
+    """NT-Xent written anchor by anchor: -log exp(s_ip / t) / sum_{k != i} exp(s_ik / t), averaged."""
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n2, n = z.shape[0], z1.shape[0]
+    total = 0.0
+    for i in range(n2):
+        p = (i + n) % n2
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(n2) if k != i)
+        total += -(float(z[i] @ z[p]) / t - math.log(denom))
+    return total / n2
+
+
+@pytest.mark.parametrize("n, d, t", [(1, 4, 0.5), (5, 8, 0.1), (8, 3, 1.0), (7, 16, 0.05)])
+def test_reference_equals_the_per_anchor_formula(n, d, t):
+    g = torch.Generator().manual_seed(n * 100 + d)
+    z1, z2 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    assert nt_xent(z1, z2, t, impl="reference").item() == pytest.approx(per_anchor_formula(z1, z2, t), rel=1e-10)
+
+
+def test_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    z2 = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.5), (z1, z2))
+
+
+def test_identical_views_give_the_lowest_loss_and_swapping_views_changes_nothing():
+    z = torch.randn(6, 8)
+    other = torch.randn(6, 8)
+    assert nt_xent(z, z, 0.5) < nt_xent(z, other, 0.5)
+    torch.testing.assert_close(nt_xent(z, other, 0.5), nt_xent(other, z, 0.5))
+
+
+def test_low_precision_inputs_are_scored_in_fp32():
+    z1, z2 = torch.randn(16, 32), torch.randn(16, 32)
+    ref = nt_xent(z1, z2, 0.2)
+    low = nt_xent(z1.bfloat16(), z2.bfloat16(), 0.2)
+    assert low.dtype == torch.float32
+    assert abs(low.item() - ref.item()) < 2e-2  # only the bf16 rounding of the inputs remains
+
+
+def test_gather_without_process_group_is_the_local_loss():
+    z1, z2 = torch.randn(5, 8), torch.randn(5, 8)
+    torch.testing.assert_close(nt_xent(z1, z2, 0.5, gather=True), nt_xent(z1, z2, 0.5))
+
+
+def test_unknown_and_unavailable_impls():
+    with pytest.raises(ValueError):
+        nt_xent(torch.randn(2, 3), torch.randn(2, 3), 0.5, impl="magic")
+    with pytest.raises(NotImplementedError):
+        nt_xent(torch.randn(2, 3), torch.randn(2, 3), 0.5, impl="fused")
+
+
+def test_embedding_stats_against_direct_computation():
+    z1, z2 = torch.randn(10, 6), torch.randn(10, 6)
+    s = embedding_stats(z1, z2)
+    u = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    cos = u @ u.T
+    pos = torch.cat([torch.diagonal(cos, 10), torch.diagonal(cos, -10)])
+    mask = ~torch.eye(20, dtype=torch.bool)
+    mask[torch.arange(10), torch.arange(10) + 10] = False
+    mask[torch.arange(10) + 10, torch.arange(10)] = False
+    torch.testing.assert_close(s["pos_cos"], pos.mean())
+    torch.testing.assert_close(s["neg_cos"], cos[mask].mean())
+    torch.testing.assert_close(s["align"], (u[:10] - u[10:]).square().sum(1).mean())

@@ -1,0 +1,50 @@
+import pytest
+import torch
+import torchvision
+
+from models import SimCLR, create_encoder, projection_head
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_resnet_parameters_equal_torchvision_without_fc_and_with_the_cifar_stem(arch):
+    ours = create_encoder(arch)
+    theirs = getattr(torchvision.models, arch)()
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    stem_difference = 64 * 3 * (7 * 7 - 3 * 3)  # 7x7 -> 3x3 first conv
+    assert count(ours) == count(theirs) - count(theirs.fc) - stem_difference
+    assert set(ours.state_dict()) == set(theirs.state_dict()) - {"fc.weight", "fc.bias"}
+    assert ours.conv1.kernel_size == (3, 3) and ours.conv1.stride == (1, 1)
+
+
+@pytest.mark.parametrize("arch, dim", [("resnet18", 512), ("resnet50", 2048), ("vit_tiny", 192)])
+def test_feature_dims_and_32px_input(arch, dim):
+    enc = create_encoder(arch).eval()
+    assert enc.feature_dim == dim
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_narrow_resnet_and_vit_small():
+    assert create_encoder("resnet18", width=8).feature_dim == 64
+    assert create_encoder("resnet50", width=16).feature_dim == 512
+    vit = create_encoder("vit_small")
+    assert vit.feature_dim == 384 and vit.patch_embed.num_patches == 64
+    with pytest.raises(ValueError):
+        create_encoder("vit_tiny", width=8)
+    with pytest.raises(ValueError):
+        create_encoder("resnet9")
+
+
+@pytest.mark.parametrize("layers, linears", [(2, 2), (3, 3)])
+def test_projection_head_depth(layers, linears):
+    head = projection_head(64, 32, 16, layers)
+    assert sum(isinstance(m, torch.nn.Linear) for m in head) == linears
+    assert head(torch.randn(4, 64)).shape == (4, 16)
+
+
+def test_simclr_forward_returns_loss_and_detached_embeddings():
+    enc = create_encoder("resnet18", width=4)
+    model = SimCLR(enc, projection_head(enc.feature_dim, 32, 16), temperature=0.5)
+    out = model(torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32))
+    assert out["loss"].ndim == 0 and out["z1"].shape == (6, 16) and not out["z1"].requires_grad
+    out["loss"].backward()
+    assert enc.conv1.weight.grad is not None

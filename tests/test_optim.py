@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+from timm.optim import Lars
+
+from engine.optim import create_optimizer, effective_lr, lr_at, param_groups
+from models import create_encoder, projection_head
+
+
+def test_effective_lr_scales_with_the_global_batch():
+    assert effective_lr(1.0, 256) == 1.0 and effective_lr(0.3, 4096) == pytest.approx(4.8)
+
+
+def test_warmup_then_cosine():
+    kw = dict(peak_lr=2.0, warmup_steps=10, total_steps=110, min_lr=0.0)
+    assert lr_at(0, **kw) == pytest.approx(0.2)
+    assert lr_at(9, **kw) == pytest.approx(2.0)
+    assert lr_at(10, **kw) == pytest.approx(2.0)
+    assert lr_at(60, **kw) == pytest.approx(1.0)
+    assert lr_at(110, **kw) == pytest.approx(0.0, abs=1e-12)
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(110, **{**kw, "min_lr": 0.1}) == pytest.approx(0.1)
+    assert lr_at(37, **kw) == lr_at(37, **kw)  # pure: no hidden state
+
+
+def test_no_warmup():
+    assert lr_at(0, peak_lr=1.0, warmup_steps=0, total_steps=10) == pytest.approx(1.0)
+
+
+def test_norm_and_bias_parameters_are_not_decayed_or_adapted():
+    enc = create_encoder("resnet18", width=4)
+    model = torch.nn.Sequential(enc, projection_head(enc.feature_dim, 16, 8))
+    decay, no_decay = param_groups(model, 1e-6)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0 and not no_decay["always_adapt"] and decay["always_adapt"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_vit_tokens_are_not_decayed():
+    vit = create_encoder("vit_tiny")
+    decay, no_decay = param_groups(vit, 0.05)
+    assert any(p is vit.pos_embed for p in no_decay["params"]) and any(p is vit.cls_token for p in no_decay["params"])
+
+
+@pytest.mark.parametrize("name, cls", [("lars", Lars), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_create_optimizer(name, cls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = create_optimizer(name, model, lr=0.1, weight_decay=1e-4)
+    assert isinstance(opt, cls) and len(opt.param_groups) == 2
+
+
+def test_lars_adapts_weights_but_not_biases_even_without_weight_decay():
+    lin = torch.nn.Linear(3, 2)
+    opt = create_optimizer("lars", lin, lr=1.0, weight_decay=0.0, momentum=0.0)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.weight.grad, lin.bias.grad = torch.ones_like(lin.weight), torch.ones_like(lin.bias)
+    opt.step()
+    trust = 1e-3 * w0.norm() / torch.ones_like(w0).norm()  # LARS: lr x trust_coeff x |w| / |g|
+    torch.testing.assert_close(lin.weight.detach(), w0 - trust)
+    torch.testing.assert_close(lin.bias.detach(), b0 - 1.0)

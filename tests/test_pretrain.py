@@ -1,0 +1,131 @@
+"""pretrain.py through its real command line: a smoke run, bad input, resume bit-exactness, real data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_entry, tiny_run_args
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_smoke_run_writes_the_run_directory(tmp_path):
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path))
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "tiny"
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "encoder.pt", "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert "model:\n  arch: resnet18" in result.stdout  # resolved config printed at start
+    records = read_jsonl(run / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    knn = [r for r in records if "knn/top1" in r]
+    assert train and all({"step", "epoch", "train/lr", "train/base_lr", "train/views_per_s", "train/align",
+                          "train/uniform", "train/pos_cos", "train/neg_cos"} <= set(r) for r in train)
+    assert [r["epoch"] for r in knn] == [0, 1, 2]  # at initialization, every epoch, at the end
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["knn/top1"] == knn[-1]["knn/top1"] and summary["knn/init_top1"] == knn[0]["knn/top1"]
+    encoder = torch.load(run / "encoder.pt", weights_only=False)
+    from models import create_encoder
+    rebuilt = create_encoder(**encoder["arch"])
+    rebuilt.load_state_dict(encoder["encoder"])  # strict: the saved arch config rebuilds exactly this backbone
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 12 and ckpt["config"]["model"]["width"] == 4
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def assert_user_error(result, fragment):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train.epoch=3"], "did you mean 'train.epochs'"),
+    (["train.epochs=many"], "train.epochs"),
+    (["train.batch_size=0"], "train.batch_size=0 is out of range"),
+    (["train.batch_size=-8"], "out of range"),
+    (["model.arch=resnet9"], "model.arch='resnet9'"),
+    (["data.name=imagenet"], "data.name='imagenet'"),
+    (["loss.temperature=0"], "loss.temperature"),
+    (["loss.temperature=-0.5"], "loss.temperature"),
+    (["train.epochs"], "has no '='"),
+    (["--config", "missing.yaml"], "does not exist"),
+    (["device=cuda"] if not torch.cuda.is_available() else ["device=cuda:99"], "cuda"),
+    (["data.name=folder", "data.root=/no/such/dir"], "does not exist"),
+    (["data.name=cifar10", "data.download=false", "data.root=/tmp/no-cifar-here"], "point data.root at a local copy"),
+    (["train.batch_size=5000"], "exceeds"),
+])
+def test_bad_input(tmp_path, args, fragment):
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path), *args), fragment)
+    assert not (tmp_path / "tiny").exists()  # nothing was created
+
+
+def test_malformed_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {arch: [\n")
+    assert_user_error(run_entry("pretrain.py", "--config", str(bad)), "not valid YAML")
+
+
+def test_corrupt_archive(tmp_path):
+    archive = tmp_path / "broken.tar.xz"
+    archive.write_bytes(b"\xfd7zXZ\x00\x00 truncated")
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path), "data.name=folder", f"data.root={archive}",
+                                f"data.cache_dir={tmp_path / 'cache'}"), "cannot read archive")
+
+
+def test_existing_run_is_never_overwritten_by_bad_input(tmp_path):
+    assert run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1")).returncode == 0
+    run = tmp_path / "tiny"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "model.width=8")),
+                      "model.width: 4 -> 8")
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "run.resume=never")),
+                      "already holds a run")
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1"),
+                                f"run.resume={tmp_path / 'nope.pt'}"), "does not exist")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_after_kill_minus_9_is_bit_identical(tmp_path):
+    args = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1"]
+    straight = run_entry("pretrain.py", *tiny_run_args(tmp_path / "a", *args))
+    assert straight.returncode == 0, straight.stderr
+    # Second run: killed with SIGKILL mid-epoch, after its first checkpoint, then started again with the same command.
+    cmd = [sys.executable, str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "b", *args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ckpt = tmp_path / "b" / "tiny" / "checkpoints" / "last.pt"
+    for line in proc.stdout:  # 6 steps per epoch: step 8 is inside epoch 2, after checkpoint 1
+        if line.startswith("step 8 |"):
+            break
+    assert ckpt.is_file()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_entry("pretrain.py", *tiny_run_args(tmp_path / "b", *args))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resume: from epoch" in resumed.stdout
+    a, b = weights(tmp_path / "a" / "tiny"), weights(tmp_path / "b" / "tiny")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "tiny" / "metrics.jsonl")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # re-done steps are not logged twice
+
+
+@pytest.mark.real_data
+def test_real_data_subset(tmp_path, archive):
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path), "data.name=folder", f"data.root={archive}",
+                       f"data.cache_dir={tmp_path / 'cache'}", "data.train_limit=400", "data.val_size=200")
+    assert result.returncode == 0, result.stderr
+    assert "data: 400 train / 200 val images (3, 32, 32)" in result.stdout
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert 10.0 < summary["knn/top1"] <= 100.0  # real labels: above chance once features exist
