@@ -18,7 +18,8 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        one_line = " ".join(part.strip() for part in str(err).splitlines() if part.strip())  # library messages may wrap
+        print(f"error: {one_line}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

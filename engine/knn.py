@@ -46,4 +46,4 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
              **kw) -> float:
     """Top-1 accuracy in percent of :func:`knn_predict` on labeled queries."""
     pred = knn_predict(bank, bank_labels, queries, **kw).argmax(dim=1)
-    return 100.0 * (pred == query_labels).float().mean().item()
+    return round(100.0 * (pred == query_labels).double().mean().item(), 4)
