@@ -6,6 +6,7 @@ uint8 batch on the device -> two augmented views -> encoder + head -> NT-Xent ->
 """
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -109,10 +110,10 @@ def main(argv: Sequence[str]) -> dict:
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
                     "train/loss": loss, "train/lr": lr, "train/base_lr": cfg.optim.base_lr,
                     "train/views_per_s": views_per_s, **stats})
-                if not isinstance(batches, tqdm) and dist.is_main():
-                    print(format_metrics(record), flush=True)
-                else:
+                if isinstance(batches, tqdm):
                     batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+                elif dist.is_main():
+                    print(format_metrics(record), flush=True)
                 loss_sum.zero_()
                 steps_since, tick = 0, time.perf_counter()
         done = epoch + 1
@@ -181,8 +182,6 @@ def report(metrics: MetricsLog, step: int, epoch: float, values: dict) -> float:
 
 def final_knn(metrics: MetricsLog) -> dict:
     """kNN top-1 at initialization and at the end, read back from metrics.jsonl (the source of truth)."""
-    import json
-
     if not metrics.path.is_file():
         return {}
     knn = [json.loads(line) for line in metrics.path.read_text().splitlines() if '"knn/top1"' in line]
@@ -227,12 +226,11 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
         raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
     saved = from_dict(state["config"], PretrainConfig)
     for section in ("model", "data"):
-        if asdict(getattr(saved, section)) != asdict(getattr(cfg, section)):
-            diff = {k: (v, asdict(getattr(cfg, section))[k]) for k, v in asdict(getattr(saved, section)).items()
-                    if asdict(getattr(cfg, section))[k] != v}
-            raise UserError(f"cannot resume {str(path)!r}: its {section} config differs "
-                            + ", ".join(f"{section}.{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                            + "; use another run.name or run.resume=never")
+        before, now = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
+        changed = [f"{section}.{k}: {before[k]!r} -> {now[k]!r}" for k in before if before[k] != now[k]]
+        if changed:
+            raise UserError(f"cannot resume {str(path)!r}: its {section} config differs ({', '.join(changed)}); "
+                            "use another run.name or run.resume=never")
     state["_path"] = str(path)
     return state
 
