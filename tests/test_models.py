@@ -48,3 +48,11 @@ def test_simclr_forward_returns_loss_and_detached_embeddings():
     assert out["loss"].ndim == 0 and out["z1"].shape == (6, 16) and not out["z1"].requires_grad
     out["loss"].backward()
     assert enc.conv1.weight.grad is not None
+
+
+def test_simclr_with_a_vit_trains_one_step():
+    enc = create_encoder("vit_tiny")
+    model = SimCLR(enc, projection_head(enc.feature_dim, 64, 16, num_layers=3), temperature=0.2)
+    out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and enc.patch_embed.proj.weight.grad.abs().sum() > 0

@@ -129,3 +129,16 @@ def test_real_data_subset(tmp_path, archive):
     assert "data: 400 train / 200 val images (3, 32, 32)" in result.stdout
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert 10.0 < summary["knn/top1"] <= 100.0  # real labels: above chance once features exist
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    first = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert first.returncode == 0, first.stderr
+    ckpt = tmp_path / "tiny" / "checkpoints" / "last.pt"
+    good = ckpt.read_bytes()
+    # Same model and data, continued with an absurd learning rate: the loss diverges during epoch 2.
+    diverged = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", "eval.knn_every=0",
+                                                       "optim.name=sgd", "optim.base_lr=1e30"))
+    assert_user_error(diverged, "loss became")
+    assert "last good checkpoint" in diverged.stderr
+    assert ckpt.read_bytes() == good
