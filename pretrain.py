@@ -39,8 +39,6 @@ def main(argv: Sequence[str]) -> dict:
     cfg = load_config(argv, PretrainConfig)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.train.precision, device)
-    if cfg.loss.impl == "fused":
-        raise UserError("loss.impl=fused is not implemented yet; use loss.impl=auto or reference")
     if cfg.eval.knn_every and not cfg.data.val_size:
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")

@@ -1,9 +1,11 @@
+import importlib
 import math
 
 import pytest
 import torch
 
 from losses import nt_xent
+nt_xent_module = importlib.import_module("losses.nt_xent")  # the package re-exports a function of that name
 from losses.diagnostics import embedding_stats
 
 
@@ -53,11 +55,42 @@ def test_gather_without_process_group_is_the_local_loss():
     torch.testing.assert_close(nt_xent(z1, z2, 0.5, gather=True), nt_xent(z1, z2, 0.5))
 
 
-def test_unknown_and_unavailable_impls():
+def test_unknown_impl():
     with pytest.raises(ValueError):
         nt_xent(torch.randn(2, 3), torch.randn(2, 3), 0.5, impl="magic")
-    with pytest.raises(NotImplementedError):
-        nt_xent(torch.randn(2, 3), torch.randn(2, 3), 0.5, impl="fused")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("n, d, t", [(1, 16, 0.5), (7, 16, 0.05), (64, 128, 0.1), (33, 2048, 1.0), (100, 24, 0.2)])
+def test_fused_equals_reference_in_value_and_gradient(monkeypatch, dtype, tol, n, d, t):
+    monkeypatch.setattr(nt_xent_module, "BLOCK_ELEMENTS", 7 * 2 * n)  # several blocks, the last one partial
+    g = torch.Generator().manual_seed(n + d)
+    z1 = torch.randn(n, d, dtype=dtype, generator=g, requires_grad=True)
+    z2 = torch.randn(n, d, dtype=dtype, generator=g, requires_grad=True)
+    ref = nt_xent(z1, z2, t, impl="reference")
+    fused = nt_xent(z1, z2, t, impl="fused")
+    assert fused.item() == pytest.approx(ref.item(), rel=tol, abs=tol)
+    for mine, theirs in zip(torch.autograd.grad(fused, (z1, z2)), torch.autograd.grad(ref, (z1, z2))):
+        assert ((mine - theirs).norm() / theirs.norm().clamp(min=1e-30)).item() < tol
+
+
+def test_fused_takes_low_precision_inputs_and_returns_their_dtype():
+    z1 = torch.randn(32, 16).bfloat16().requires_grad_()
+    z2 = torch.randn(32, 16).bfloat16().requires_grad_()
+    fused = nt_xent(z1, z2, 0.2, impl="fused")
+    ref = nt_xent(z1, z2, 0.2, impl="reference")
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    grad = torch.autograd.grad(fused, z1)[0]
+    assert grad.dtype == torch.bfloat16
+
+
+def test_auto_picks_fused_only_for_large_batches(monkeypatch):
+    calls = []
+    monkeypatch.setattr(nt_xent_module, "nt_xent_fused", lambda *a, **k: calls.append("fused") or torch.zeros(()))
+    monkeypatch.setattr(nt_xent_module, "nt_xent_reference", lambda *a, **k: calls.append("ref") or torch.zeros(()))
+    nt_xent(torch.randn(8, 4), torch.randn(8, 4), 0.5)
+    nt_xent(torch.randn(1100, 4), torch.randn(1100, 4), 0.5)
+    assert calls == ["ref", "fused"]
 
 
 def test_embedding_stats_against_direct_computation():

@@ -1,0 +1,97 @@
+"""Time and peak memory of NT-Xent forward + backward: reference (full matrix) vs fused (blocked), one run.
+
+    python bench/loss.py                                  # CPU, 2N in {2048, 8192, 16384, 65536}, d = 128
+    python bench/loss.py --device cuda
+
+Each measurement runs in a fresh subprocess (peak RSS on CPU, max_memory_allocated on CUDA). JSON lines
+{"what", "shape", "device", "figure", "unit"}; ratios fused/reference come last for sizes where both ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def measure(impl: str, views: int, dim: int, device: str, repeats: int) -> dict:
+    """Run in the child: seconds (median) and peak extra bytes of one forward + backward."""
+    from losses import nt_xent
+
+    g = torch.Generator(device=device).manual_seed(0)
+    z1 = torch.randn(views // 2, dim, device=device, generator=g, requires_grad=True)
+    z2 = torch.randn(views // 2, dim, device=device, generator=g, requires_grad=True)
+
+    def step():
+        loss = nt_xent(z1, z2, 0.5, impl=impl)
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        step()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    return {"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--views", type=int, nargs="+", default=[2048, 8192, 16384, 65536], help="2N values")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-reference-gb", type=float, default=12.0,
+                        help="skip the reference where one fp32 similarity matrix alone exceeds this / 4")
+    parser.add_argument("--child", nargs=3, metavar=("IMPL", "VIEWS", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        impl, views, device = args.child
+        print(json.dumps(measure(impl, int(views), args.dim, device, args.repeats)))
+        return
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    results = {}
+    for views in args.views:
+        for impl in ("reference", "fused"):
+            if impl == "reference" and 4 * views ** 2 * 4 > args.max_reference_gb * 2 ** 30:
+                print(json.dumps({"what": f"loss/{impl}", "shape": [views, args.dim], "device": name,
+                                  "figure": None, "unit": "skipped: the full matrix does not fit"}))
+                continue
+            out = subprocess.run([sys.executable, __file__, "--child", impl, str(views), args.device, "--dim",
+                                  str(args.dim), "--repeats", str(args.repeats)], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            results[impl, views] = r = json.loads(out.stdout)
+            for key, unit in (("seconds", "s"), ("peak_bytes", "MiB")):
+                figure = r[key] / 2 ** 20 if unit == "MiB" else r[key]
+                print(json.dumps({"what": f"loss/{impl}/{key.split('_')[-1] if unit == 'MiB' else 'time'}",
+                                  "shape": [views, args.dim], "device": name, "figure": round(figure, 4),
+                                  "unit": unit}), flush=True)
+    for views in args.views:
+        if ("reference", views) in results and ("fused", views) in results:
+            ref, fused = results["reference", views], results["fused", views]
+            for key, what in (("seconds", "time"), ("peak_bytes", "memory")):
+                print(json.dumps({"what": f"loss/fused_over_reference/{what}", "shape": [views, args.dim],
+                                  "device": name, "figure": round(fused[key] / max(ref[key], 1), 4)
+                                  if key == "peak_bytes" else round(fused[key] / ref[key], 4), "unit": "x"}))
+
+
+if __name__ == "__main__":
+    main()
