@@ -4,8 +4,28 @@ Without a torchrun environment (WORLD_SIZE unset or 1) every function is the sin
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def init_from_env(device: torch.device) -> None:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
+
+    A plain `python` launch (no WORLD_SIZE, or 1) stays a single process and nothing is initialized.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group (clean exit under torchrun)."""
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def is_initialized() -> bool:
