@@ -86,7 +86,8 @@ def _decode_folder(path: Path) -> ImageDataset:
                 files[parts[i]].setdefault(parts[i + 1], []).append((rel, payload))
                 break
     if not files["train"]:
-        raise UserError(f"{str(path)!r} holds no images under train/<class>/ (expected train/<class>/*, test/<class>/*)")
+        raise UserError(f"{str(path)!r} holds no images under train/<class>/ "
+                        "(expected train/<class>/* and test/<class>/*)")
     classes = sorted(files["train"])
     if files["test"] and sorted(files["test"]) != classes:
         raise UserError(f"{str(path)!r}: test classes {sorted(files['test'])} differ from train classes {classes}")

@@ -52,8 +52,8 @@ def load_strict(module: nn.Module, state_dict: dict, what: str = "checkpoint") -
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
     if missing or unexpected or mismatched:
-        parts = [f"{label} {_few(keys)}" for label, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch in", mismatched)) if keys]
+        problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch in", mismatched))
+        parts = [f"{label} {_few(keys)}" for label, keys in problems if keys]
         raise UserError(f"{what} does not fit the model: " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
 

@@ -16,8 +16,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: b
 
     Each of the 2n local views is an anchor; its positive is the other view of its image; its negatives are all
     other views: the local 2n - 2, or with ``gather=True`` the views of every process (2 n W - 2). Logits and
-    log-sum-exp are computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64). With ``gather=True`` under DDP, N processes on
-    shards of a batch produce the same parameter gradients as one process on the whole batch.
+    log-sum-exp are computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64). With ``gather=True`` under DDP,
+    N processes on shards of a batch produce the same parameter gradients as one process on the whole batch.
+    impl: "reference" (full matrix), "fused" (blocked, O(n d) memory) or "auto" (fused above 4M logits).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown NT-Xent impl {impl!r}; choose one of {', '.join(IMPLS)}")

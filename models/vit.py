@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
-SIZES = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3), "vit_small": dict(embed_dim=384, depth=12, num_heads=6)}
+SIZES = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+         "vit_small": dict(embed_dim=384, depth=12, num_heads=6)}
 
 
 def cifar_vit(arch: str, img_size: int = 32, patch_size: int = 4) -> VisionTransformer:

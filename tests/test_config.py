@@ -18,7 +18,8 @@ def test_schema_carries_every_contract_key():
 
 def test_defaults_are_the_resnet18_recipe():
     cfg = load_config([])
-    assert (cfg.model.arch, cfg.train.batch_size, cfg.loss.temperature, cfg.optim.name) == ("resnet18", 512, 0.5, "lars")
+    recipe = (cfg.model.arch, cfg.train.batch_size, cfg.loss.temperature, cfg.optim.name)
+    assert recipe == ("resnet18", 512, 0.5, "lars")
     assert cfg.aug.strength == 0.5 and cfg.aug.blur_prob == 0.0
 
 
