@@ -88,5 +88,6 @@ def test_recipes_load_and_start_with_launch_command(recipe):
 
 def test_b9_recipe_matches_the_paper():
     cfg = load_config(["--config", str(REPO / "configs/pretrain/cifar10_resnet50.yaml")])
-    assert (cfg.model.arch, cfg.train.batch_size, cfg.optim.name, cfg.loss.temperature) == ("resnet50", 1024, "lars", 0.5)
+    recipe = (cfg.model.arch, cfg.train.batch_size, cfg.optim.name, cfg.loss.temperature)
+    assert recipe == ("resnet50", 1024, "lars", 0.5)
     assert (cfg.optim.warmup_epochs, cfg.optim.weight_decay, cfg.aug.strength, cfg.aug.blur_prob) == (10, 1e-6, 0.5, 0)

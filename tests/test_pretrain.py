@@ -20,7 +20,8 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     result = run_entry("pretrain.py", *tiny_run_args(tmp_path))
     assert result.returncode == 0, result.stderr
     run = tmp_path / "tiny"
-    assert {"config.yaml", "metrics.jsonl", "summary.json", "encoder.pt", "checkpoints"} <= {p.name for p in run.iterdir()}
+    expected = {"config.yaml", "metrics.jsonl", "summary.json", "encoder.pt", "checkpoints"}
+    assert expected <= {p.name for p in run.iterdir()}
     assert "model:\n  arch: resnet18" in result.stdout  # resolved config printed at start
     records = read_jsonl(run / "metrics.jsonl")
     train = [r for r in records if "train/loss" in r]
