@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import lzma
-import os
 import tarfile
 import zlib
 from dataclasses import dataclass

@@ -1,6 +1,5 @@
 """Each augmentation op against torchvision.transforms.v2.functional, and sampled parameters against torchvision's."""
 import itertools
-import math
 
 import pytest
 import torch
