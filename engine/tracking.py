@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any, Dict
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: readers never see half of it."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
@@ -39,9 +44,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and _complete(line) and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, epoch: float, metrics: Dict[str, Any]) -> Dict[str, Any]:
         record = {"step": step, "epoch": epoch, **{k: _jsonable(v) for k, v in metrics.items()}}
