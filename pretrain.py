@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -243,6 +243,7 @@ def restore(state: dict, model: SimCLR, optimizer) -> tuple[int, int, Optional[f
     return state["epoch"], state["step"], state.get("best_knn")
 
 
+@lru_cache(maxsize=None)  # the commit cannot change during a run; no git subprocess per checkpoint
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
