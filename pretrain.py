@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import asdict
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,14 +21,15 @@ from tqdm import tqdm
 from augment import SimCLRAugment
 from configs.load import from_dict, load_config, to_dict, to_yaml
 from configs.schema import PretrainConfig
-from data import EpochSampler, derived_seed, load_source, split_train_val
+from data import EpochSampler, load_source, seeded_generator, split_train_val
 from engine import dist
-from engine.checkpoint import atomic_save, load_file, load_strict
+from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
 from engine.cli import UserError, run_cli
 from engine.device import autocast, resolve_device, resolve_precision
+from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.knn import extract_features, knn_top1
 from engine.optim import create_optimizer, effective_lr, lr_at
-from engine.tracking import MetricsLog, format_metrics, wandb_note, write_json
+from engine.tracking import MetricsLog, format_metrics, git_sha, wandb_note, write_json, write_results
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
 
@@ -41,6 +41,8 @@ def main(argv: Sequence[str]) -> dict:
     dtype = resolve_precision(cfg.train.precision, device)
     if cfg.eval.knn_every and not cfg.data.val_size:
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
+    if cfg.eval.linear_at_end:
+        check_probe_config(cfg.probe, cfg.data.val_size)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     resume = find_resume_state(cfg, run_dir)  # validated before anything is written
     print(to_yaml(cfg), flush=True)
@@ -100,7 +102,7 @@ def main(argv: Sequence[str]) -> dict:
             batches = tqdm(batches, total=sampler.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
         for idx in batches:
             lr = schedule(step)
-            g = generator_for(device, derived_seed("augment", cfg.seed, step))
+            g = seeded_generator(device, "augment", cfg.seed, step)
             out = train_step(step_fn, optimizer, augment, train_images[idx], g, lr, device, dtype)
             loss_sum += out["loss"].detach()
             step, steps_since = step + 1, steps_since + 1
@@ -130,6 +132,10 @@ def main(argv: Sequence[str]) -> dict:
         summary["knn/best_top1"] = best_knn
     if dist.is_main():
         save_encoder(run_dir / "encoder.pt", model.encoder, cfg)
+        if cfg.eval.linear_at_end:
+            splits = LabeledSplits(train_images, train_labels, val_images, val_labels, data.test_images.to(device),
+                                   data.test_labels.to(device), list(data.classes), augment.mean, augment.std)
+            summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     return summary
@@ -141,11 +147,6 @@ def build_model(cfg: PretrainConfig) -> SimCLR:
     hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers)
     return SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1)
-
-
-def generator_for(device: torch.device, seed: int) -> torch.Generator:
-    """A generator on ``device`` seeded from (seed, step): augmentation needs no RNG state to resume exactly."""
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch.Generator, lr: float,
@@ -187,6 +188,18 @@ def final_knn(metrics: MetricsLog) -> dict:
         return {}
     knn = [json.loads(line) for line in metrics.path.read_text().splitlines() if '"knn/top1"' in line]
     return {"knn/init_top1": knn[0]["knn/top1"], "knn/top1": knn[-1]["knn/top1"]} if knn else {}
+
+
+def linear_probe_at_end(cfg: PretrainConfig, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype,
+                        run_dir: Path) -> dict:
+    """The paper's number in the same command: the linear probe (probe.*) of the final encoder -> results.json."""
+    outcome = linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype)
+    record = results_record(outcome, splits, mode="linear", label_fraction=1.0, checkpoint=str(run_dir / "encoder.pt"),
+                            checkpoint_sha256=sha256_of(run_dir / "encoder.pt"), git_sha=git_sha(),
+                            config=to_dict(cfg))
+    path = write_results(run_dir, record, splits.classes)
+    print(f"linear probe: test top-1 {record['test/top1']:.2f}% (val top-1 {record['val/top1']}) -> {path}", flush=True)
+    return {"linear/test_top1": record["test/top1"], "linear/val_top1": record["val/top1"]}
 
 
 def check_finite(loss: float, step: int, ckpt_path: Path) -> float:
@@ -241,15 +254,6 @@ def restore(state: dict, model: SimCLR, optimizer) -> tuple[int, int, Optional[f
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["epoch"], state["step"], state.get("best_knn")
-
-
-@lru_cache(maxsize=None)  # the commit cannot change during a run; no git subprocess per checkpoint
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

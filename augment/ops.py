@@ -86,6 +86,29 @@ def resized_crop(images: Tensor, boxes: Tensor, size: Tuple[int, int], flip: Opt
     return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def sample_crop_flip(n: int, padding: int, generator: Optional[torch.Generator] = None,
+                     device: torch.device | str = "cpu") -> Tuple[Tensor, Tensor]:
+    """Parameters of ``RandomCrop(size, padding) + RandomHorizontalFlip()``: offsets int64 [n, 2] (top, left) in
+    the padded image, uniform in [0, 2 * padding], and flip bool [n] with probability 1/2."""
+    offsets = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator, device=device)
+    return offsets, torch.rand(n, generator=generator, device=device) < 0.5
+
+
+def padded_crop_flip(images: Tensor, padding: int, offsets: Tensor, flip: Tensor) -> Tensor:
+    """Zero-pad by ``padding``, crop the original size at ``offsets``, flip where ``flip``: the CIFAR supervised
+    augmentation. Any dtype (uint8 included): it only moves pixels.
+
+    images: [n, C, H, W]; offsets: int64 [n, 2]; flip: bool [n] -> [n, C, H, W]. One indexed gather per batch.
+    """
+    n, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    rows = offsets[:, :1] + torch.arange(h, device=images.device)  # [n, h]
+    cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1, device=images.device),
+                       torch.arange(w, device=images.device)) + offsets[:, 1:]  # [n, w]
+    flat = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]  # [n, h, w] indices into each padded plane
+    return padded.flatten(2).gather(2, flat.flatten(1)[:, None, :].expand(n, c, h * w)).view(n, c, h, w)
+
+
 def grayscale(images: Tensor) -> Tensor:
     """Luma [n, 1, H, W] of RGB images [n, 3, H, W].
 

@@ -66,6 +66,7 @@ class OptimConfig:
     momentum: float = 0.9  # lars, sgd
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio x effective lr
+    nesterov: bool = False  # sgd only
 
 
 @dataclass
@@ -73,6 +74,18 @@ class EvalConfig:
     knn_every: int = 10  # epochs between kNN evaluations on the validation split; 0 = off
     knn_k: int = 200
     knn_temperature: float = 0.1
+    linear_at_end: bool = False  # run the linear probe (probe.*) on the final encoder; results.json in the run dir
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe on frozen features: one classifier per weight decay, trained together, chosen on val."""
+
+    epochs: int = 100  # passes over the training features
+    batch_size: int = 1024
+    lr: float = 0.1  # SGD with Nesterov momentum 0.9, cosine to 0, on standardized features
+    wd_grid: List[float] = field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2])  # L2 on the weights
+    refit_on_val: bool = True  # with label_fraction 1: refit the chosen classifier on train + val before test
 
 
 @dataclass
@@ -105,7 +118,48 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EncoderConfig:
+    arch: Optional[str] = None  # None = the checkpoint's; required with checkpoint=none
+    width: Optional[int] = None  # ResNets; None = the checkpoint's (or 64 from scratch)
+
+
+@dataclass
+class FinetuneEvalConfig:
+    mode: str = "linear"  # linear | finetune | knn
+    label_fraction: float = 1.0  # class-balanced share of the labels: 0.01 = 500 CIFAR-10 images, nested by seed
+    augment: bool = False  # linear: random crop + flip with features computed on the fly
+    val_every: int = 10  # finetune: epochs between validation measurements; 0 = at the end only
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+
+
+@dataclass
+class FinetuneRunConfig:
+    dir: str = "runs"
+    name: str = ""  # empty = <checkpoint run>-<mode>[-<pct>pct]-s<seed>
+
+
+@dataclass
+class FinetuneConfig:
+    """Evaluation of a pretrained encoder (or a random one: checkpoint=none)."""
+
+    seed: int = 0
+    device: str = "auto"
+    checkpoint: str = ""  # a pretraining run directory, its checkpoints/last.pt, an encoder.pt, or none
+    data: DataConfig = field(default_factory=DataConfig)
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=256))  # finetune mode
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        name="sgd", base_lr=0.05, weight_decay=5e-4, warmup_epochs=0.0, nesterov=True))  # finetune mode
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear mode
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -120,6 +174,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "optim.name": ("lars", "sgd", "adamw"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "eval.mode": ("linear", "finetune", "knn"),
 }
 
 # (low, high, low_inclusive) for numeric keys; high None = unbounded.
@@ -148,5 +203,10 @@ RANGES = {
     "eval.knn_every": (0, None, True),
     "eval.knn_k": (1, None, True),
     "eval.knn_temperature": (0, None, False),
+    "eval.label_fraction": (0, 1, False),
+    "eval.val_every": (0, None, True),
+    "probe.epochs": (1, None, True),
+    "probe.batch_size": (1, None, True),
+    "probe.lr": (0, None, False),
     "run.ckpt_every": (1, None, True),
 }

@@ -13,6 +13,12 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def seeded_generator(device: torch.device | str, *parts: object) -> torch.Generator:
+    """A generator on ``device`` seeded from ``parts`` (e.g. ("augment", seed, step)): random streams keyed by
+    the step need no RNG state to resume exactly."""
+    return torch.Generator(device=device).manual_seed(derived_seed(*parts))
+
+
 class EpochSampler:
     """Index batches for one process. Each global batch of ``batch_size`` is split into equal per-rank shards.
 

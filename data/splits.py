@@ -50,3 +50,19 @@ def split_train_val(labels: torch.Tensor, val_size: int, train_limit: int = 0, s
     if train_limit > 0:
         is_train &= (ranks - val_counts[labels]) < balanced_counts(train_limit, num_classes)[labels]
     return is_train.nonzero().squeeze(1), is_val.nonzero().squeeze(1)
+
+
+def split_labeled(labels: torch.Tensor, val_size: int, label_fraction: float = 1.0, train_limit: int = 0,
+                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ascending) of the labeled training subset and of the validation split.
+
+    The subset holds ``round(label_fraction x len(labels))`` images, class-balanced, taken from the training split
+    (so 1% of CIFAR-10 is 500 images, 50 per class), capped by what the split holds and by ``train_limit``. Subsets
+    for the same ``seed`` are identical across runs and nested: the 1% subset lies inside the 10% one.
+    """
+    if not 0 < label_fraction <= 1:
+        raise UserError(f"label fraction {label_fraction} is outside (0, 1]")
+    limit = 0 if label_fraction == 1 else max(1, round(label_fraction * labels.numel()))
+    if train_limit > 0:
+        limit = min(limit, train_limit) if limit else train_limit
+    return split_train_val(labels, val_size, limit, seed)

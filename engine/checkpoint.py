@@ -1,10 +1,12 @@
 """Atomic checkpoint files and strict state loading."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -61,3 +63,48 @@ def load_strict(module: nn.Module, state_dict: dict, what: str = "checkpoint") -
 def _few(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
+
+
+@dataclass
+class EncoderFile:
+    """A pretrained encoder read from an ``encoder.pt`` or a pretraining ``checkpoints/last.pt``."""
+
+    state: dict  # the encoder's state dict, no prefixes
+    arch: str
+    width: Optional[int]
+    path: Path  # the file actually read
+    run_name: str  # the pretraining run directory's name (for default evaluation names)
+
+
+def read_encoder(spec: str) -> EncoderFile:
+    """Resolve ``spec`` (a pretraining run directory, its checkpoints/last.pt, or an encoder.pt) and read it."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        candidates = [path / "encoder.pt", path / "checkpoints" / "last.pt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise UserError(f"checkpoint directory {spec!r} holds neither encoder.pt nor checkpoints/last.pt")
+        path = found
+    state = load_file(path)
+    if "encoder" in state and "arch" in state:  # encoder.pt
+        encoder_state, arch = state["encoder"], state["arch"]
+        run_dir = path.parent
+    elif "model" in state and "config" in state:  # a pretraining checkpoint: the SimCLR module's state
+        encoder_state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+        arch = {"arch": state["config"]["model"]["arch"], "width": state["config"]["model"].get("width")}
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    else:
+        raise UserError(f"{str(path)!r} is neither an encoder.pt nor a pretraining checkpoint "
+                        f"(keys: {', '.join(sorted(map(str, state))[:6])})")
+    if not encoder_state:
+        raise UserError(f"{str(path)!r} holds no encoder weights")
+    return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

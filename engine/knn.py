@@ -12,7 +12,8 @@ from engine.device import autocast
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: torch.Tensor, *, mean, std, batch_size: int = 1024,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Encoder features of uint8 images [N, 3, H, W] (on the encoder's device), eval mode -> float32 [N, d]."""
+    """Outputs of ``encoder`` (features, or a classifier's logits) for uint8 images [N, 3, H, W] on its device,
+    in eval mode -> float32 [N, d]. The module's training mode is restored afterwards."""
     was_training = encoder.training
     encoder.eval()
     out = []

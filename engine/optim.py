@@ -40,9 +40,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             {"params": no_decay, "weight_decay": 0.0, "always_adapt": False}]
 
 
-def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9
-                     ) -> torch.optim.Optimizer:
-    """LARS (timm; trust coefficient 1e-3), SGD (momentum) or AdamW, over :func:`param_groups`.
+def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9,
+                     nesterov: bool = False) -> torch.optim.Optimizer:
+    """LARS (timm; trust coefficient 1e-3), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups`.
 
     LARS adapts exactly the decayed group (``always_adapt`` per group), also when weight_decay is 0.
     """
@@ -52,7 +52,7 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
     for g in groups:
         g.pop("always_adapt")
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -76,3 +78,24 @@ def format_metrics(record: Dict[str, Any]) -> str:
         if key not in ("step", "epoch"):
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
+
+
+def write_results(run_dir: Path, record: Dict[str, Any], classes: Sequence[str]) -> Path:
+    """results.json (atomic) and confusion.png beside it; returns the JSON's path."""
+    from engine.plots import save_confusion_png
+
+    path = Path(run_dir) / "results.json"
+    write_json(path, record)
+    title = f"{record.get('mode', '')} test top-1 {record['test/top1']:.2f}%"
+    save_confusion_png(record["test/confusion"], classes, path.with_name("confusion.png"), title=title)
+    return path
+
+
+@lru_cache(maxsize=None)  # the commit cannot change during a run; no git subprocess per record
+def git_sha() -> str:
+    """The repository's HEAD commit, or "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -35,3 +35,11 @@ def tiny_run_args(run_dir: Path, *extra: str) -> list[str]:
             "data.train_limit=600", "train.batch_size=100", "train.epochs=2", "train.log_every=2",
             "eval.knn_every=1", "eval.knn_k=20", "optim.warmup_epochs=0.5", f"run.dir={run_dir}", "run.name=tiny",
             "wandb.mode=disabled", *extra]
+
+
+def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    """The bad-input contract: exit status 2, the last stderr line `error: ...` naming the problem, no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr

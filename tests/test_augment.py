@@ -162,3 +162,17 @@ def test_pipeline_with_blur_and_solarize_runs_and_stays_finite():
 def test_strength_outside_hue_range_is_refused():
     with pytest.raises(ValueError):
         SimCLRAugment(strength=3.0)
+
+
+def test_padded_crop_flip_matches_torchvision():
+    images = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    offsets, flip = ops.sample_crop_flip(N, 4, torch.Generator().manual_seed(4))
+    out = ops.padded_crop_flip(images, 4, offsets, flip)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    for i in range(N):
+        top, left = offsets[i].tolist()
+        expected = F.crop(F.pad(images[i], [4]), top, left, 32, 32)  # RandomCrop(32, padding=4): zero padding
+        expected = F.horizontal_flip(expected) if flip[i] else expected
+        assert torch.equal(out[i], expected), i
+    assert 0 <= offsets.min() and offsets.max() <= 8 and set(offsets.unique().tolist()) == set(range(9))
+    assert 0 < flip.sum() < N

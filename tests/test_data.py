@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import EpochSampler, class_ranks, load_source, make_synthetic, split_train_val
+from data import EpochSampler, class_ranks, load_source, make_synthetic, split_labeled, split_train_val
 from data.cache import cached
 from engine.cli import UserError
 
@@ -119,3 +119,28 @@ def test_synthetic_is_fixed_and_labeled():
     a, b = make_synthetic(), make_synthetic()
     assert torch.equal(a.train_images, b.train_images)
     assert a.train_images.shape == (5000, 3, 32, 32) and torch.bincount(a.train_labels).tolist() == [500] * 10
+
+
+def cifar_like_labels():
+    return torch.arange(50_000) % 10  # 5,000 per class, like CIFAR-10's training set
+
+
+def test_label_fractions_are_exact_balanced_nested_and_reproducible():
+    labels = cifar_like_labels()
+    one, val = split_labeled(labels, 5000, 0.01, seed=0)
+    ten, val10 = split_labeled(labels, 5000, 0.1, seed=0)
+    full, _ = split_labeled(labels, 5000, 1.0, seed=0)
+    assert len(one) == 500 and torch.bincount(labels[one]).tolist() == [50] * 10
+    assert len(ten) == 5000 and torch.bincount(labels[ten]).tolist() == [500] * 10
+    assert len(full) == 45_000 and torch.equal(val, val10)
+    assert set(one.tolist()) <= set(ten.tolist()) <= set(full.tolist())  # nested
+    assert not set(ten.tolist()) & set(val.tolist())  # never from the validation split
+    assert torch.equal(split_labeled(labels, 5000, 0.01, seed=0)[0], one)  # identical across calls
+    other = split_labeled(labels, 5000, 0.01, seed=1)[0]
+    assert len(other) == 500 and not torch.equal(other, one)  # the seed picks the subset
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_label_fraction_outside_unit_interval_is_a_user_error(fraction):
+    with pytest.raises(UserError, match="outside"):
+        split_labeled(cifar_like_labels(), 5000, fraction)

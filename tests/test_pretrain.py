@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, run_entry, tiny_run_args
+from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
 
 
 def read_jsonl(path):
@@ -37,13 +37,6 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 12 and ckpt["config"]["model"]["width"] == 4
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-
-
-def assert_user_error(result, fragment):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -1,0 +1,137 @@
+"""Evaluate an encoder on labeled data. Run: python finetune.py checkpoint=RUN_DIR [--config FILE] [key=value ...]
+
+eval.mode: ``linear`` (frozen features, linear classifier, weight decay chosen on the validation split), ``finetune``
+(whole network plus a new head on eval.label_fraction of the labels) or ``knn`` (weighted kNN). ``checkpoint`` is a
+pretraining run directory, its checkpoints/last.pt or an encoder.pt; ``checkpoint=none`` starts from random weights
+(model.arch needed): with eval.mode=finetune and eval.label_fraction=1.0 that is the supervised baseline.
+The run directory <run.dir>/<run.name>/ gets config.yaml, metrics.jsonl, results.json and confusion.png.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from augment import CIFAR10_MEAN, CIFAR10_STD
+from configs.load import load_config, to_dict, to_yaml
+from configs.schema import FinetuneConfig
+from data import load_source, split_labeled
+from engine.checkpoint import EncoderFile, load_strict, read_encoder, sha256_of
+from engine.cli import UserError, run_cli
+from engine.device import resolve_device, resolve_precision
+from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, finetune_evaluation, knn_evaluation,
+                             linear_evaluation, results_record)
+from engine.tracking import MetricsLog, git_sha, wandb_note, write_results
+from models import create_encoder
+
+MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
+
+
+def main(argv: Sequence[str]) -> dict:
+    # ---------------------------------------------------------------- config and checkpoint (all checks first)
+    cfg = load_config(argv, FinetuneConfig)
+    device = resolve_device(cfg.device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    source = read_source(cfg.checkpoint)
+    arch, width = encoder_arch(cfg, source)
+    run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
+    for existing in ("results.json", "metrics.jsonl"):
+        if (run_dir / existing).exists():
+            raise UserError(f"run directory {str(run_dir)!r} already holds an evaluation ({existing}); "
+                            "choose another run.name or remove it")
+    if cfg.eval.mode == "linear":
+        check_probe_config(cfg.probe, cfg.data.val_size)
+    checkpoint_sha = sha256_of(source.path) if source else None
+    print(to_yaml(cfg), flush=True)
+
+    # ---------------------------------------------------------------- encoder: architecture from the checkpoint
+    torch.manual_seed(cfg.seed)
+    encoder = create_encoder(arch, width)
+    if source is not None:
+        load_strict(encoder, source.state, f"checkpoint {str(source.path)!r}")
+    encoder = encoder.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    if cfg.eval.mode != "finetune":
+        encoder.requires_grad_(False)
+    print(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
+          f"from {source.path if source else 'random initialization'}", flush=True)
+
+    # ---------------------------------------------------------------- data: labeled splits on the device
+    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    train_idx, val_idx = split_labeled(data.train_labels, cfg.data.val_size, cfg.eval.label_fraction,
+                                       cfg.data.train_limit, cfg.data.split_seed)
+    splits = LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
+                           data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
+                           data.test_images.to(device), data.test_labels.to(device), list(data.classes),
+                           CIFAR10_MEAN, CIFAR10_STD)
+    print(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction:g} of the labels) / {len(val_idx)} val / "
+          f"{len(data.test_labels)} test images on {device}", flush=True)
+
+    # ---------------------------------------------------------------- evaluate
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    wandb_note(cfg.wandb.mode)
+    outcome = evaluate(cfg, encoder, splits, dtype, metrics)
+
+    # ---------------------------------------------------------------- results
+    record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
+                            checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
+                            git_sha=git_sha(), config=to_dict(cfg))
+    metrics.log(outcome.extra.get("finetune/steps", 0), final_epoch(cfg),
+                {k: record[k] for k in ("val/top1", "test/top1", "test/top5") if record[k] is not None})
+    path = write_results(run_dir, record, splits.classes)
+    val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
+    print(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
+          f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}",
+          flush=True)
+    return record
+
+
+def read_source(checkpoint: str) -> Optional[EncoderFile]:
+    """The pretrained encoder named by ``checkpoint=``; None for ``none`` (random initialization)."""
+    if not checkpoint:
+        raise UserError("checkpoint= is required: a pretraining run directory, its checkpoints/last.pt, an "
+                        "encoder.pt, or checkpoint=none for a randomly initialized encoder")
+    return None if checkpoint.lower() == "none" else read_encoder(checkpoint)
+
+
+def encoder_arch(cfg: FinetuneConfig, source: Optional[EncoderFile]) -> tuple[str, Optional[int]]:
+    """(arch, width): the checkpoint's; model.* only names the architecture when starting from scratch."""
+    if source is None:
+        if cfg.model.arch is None:
+            raise UserError("checkpoint=none needs model.arch (resnet18, resnet34, resnet50, vit_tiny or vit_small)")
+        if cfg.model.width is not None and cfg.model.arch.startswith("vit"):
+            raise UserError(f"model.width applies to ResNets only, not {cfg.model.arch}")
+        return cfg.model.arch, cfg.model.width
+    asked = (cfg.model.arch or source.arch, cfg.model.width if cfg.model.width is not None else source.width)
+    if asked != (source.arch, source.width):
+        raise UserError(f"checkpoint {str(source.path)!r} holds a {source.arch} (width {source.width}) encoder, but "
+                        f"model.arch={asked[0]} model.width={asked[1]} was given; leave model.* unset to use it")
+    return source.arch, source.width
+
+
+def default_run_name(cfg: FinetuneConfig, source: Optional[EncoderFile], arch: str) -> str:
+    """<pretraining run>-<mode>[-<percent>pct]-s<seed>, e.g. resnet18-cifar10-s0-finetune-1pct-s0."""
+    base = source.run_name if source else f"scratch-{arch}"
+    pct = f"-{cfg.eval.label_fraction * 100:g}pct" if cfg.eval.label_fraction < 1 else ""
+    return f"{base}-{cfg.eval.mode}{pct}-s{cfg.seed}"
+
+
+def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype,
+             metrics: MetricsLog) -> EvalOutcome:
+    if cfg.eval.mode == "knn":
+        return knn_evaluation(encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, dtype=dtype)
+    if cfg.eval.mode == "linear":
+        return linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype, augment=cfg.eval.augment,
+                                 refit_allowed=cfg.eval.label_fraction == 1)
+    return finetune_evaluation(encoder, splits, cfg.train, cfg.optim, seed=cfg.seed, dtype=dtype,
+                               val_every=cfg.eval.val_every, metrics=metrics)
+
+
+def final_epoch(cfg: FinetuneConfig) -> int:
+    return {"finetune": cfg.train.epochs, "linear": cfg.probe.epochs}.get(cfg.eval.mode, 0)
+
+
+if __name__ == "__main__":
+    run_cli(main)
