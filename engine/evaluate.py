@@ -23,7 +23,7 @@ from engine.cli import UserError
 from engine.device import autocast
 from engine.knn import extract_features, knn_predict
 from engine.optim import create_optimizer, effective_lr, lr_at
-from engine.probe import feature_stats, select_on_val, train_probes
+from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
 from engine.tracking import MetricsLog, format_metrics
 
 
@@ -95,8 +95,12 @@ def linear_evaluation(encoder: nn.Module, splits: LabeledSplits, cfg: ProbeConfi
                   lr=cfg.lr, seed=seed)
 
     def fit_on(images, feats, labels, weight_decays):
-        source = _augmented_features(encoder, images, splits, dtype, seed) if augment else lambda idx, _: feats[idx]
         mean, std = feature_stats(feats)  # of clean features, also for augmented views
+        if augment:
+            source = _augmented_features(encoder, images, splits, dtype, seed, mean, std)
+        else:
+            standardized = (feats - mean) / std  # once, not per step
+            source = lambda idx, _: standardized[idx]  # noqa: E731
         return fit(source, labels, mean=mean, std=std, weight_decays=weight_decays)
 
     tick = time.perf_counter()
@@ -117,15 +121,16 @@ def linear_evaluation(encoder: nn.Module, splits: LabeledSplits, cfg: ProbeConfi
 
 
 def _augmented_features(encoder: nn.Module, images: torch.Tensor, splits: LabeledSplits, dtype: torch.dtype,
-                        seed: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """Features of random crop (padding 4) + flip views of ``images[idx]``, frozen encoder in eval mode."""
+                        seed: int, mean: torch.Tensor, std: torch.Tensor) -> FeatureFn:
+    """Standardized features of random crop (padding 4) + flip views of ``images[idx]``; frozen encoder, eval
+    mode."""
     encoder.eval()
 
     @torch.no_grad()
     def features_of(idx: torch.Tensor, step: int) -> torch.Tensor:
         x = _augment_batch(images[idx], splits, seeded_generator(images.device, "probe-augment", seed, step))
         with autocast(x.device, dtype):
-            return encoder(x).float()
+            return (encoder(x).float() - mean) / std
     return features_of
 
 

@@ -17,7 +17,7 @@ from data.loader import derived_seed, seeded_generator
 from engine.accuracy import topk_accuracy
 from engine.optim import lr_at
 
-FeatureFn = Callable[[torch.Tensor, int], torch.Tensor]  # (sample indices [B], step) -> features float [B, d]
+FeatureFn = Callable[[torch.Tensor, int], torch.Tensor]  # (indices [B], step) -> standardized features [B, d]
 
 
 @dataclass
@@ -46,7 +46,10 @@ class LinearProbes:
 
 
 def _batched_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("nd,gdc->gnc", x, weight) + bias[:, None, :]
+    """x [N, d], weight [G, d, C], bias [G, C] -> [G, N, C] as one [N, d] x [d, G C] matmul (x is read once)."""
+    groups, dim, classes = weight.shape
+    logits = x @ weight.permute(1, 0, 2).reshape(dim, groups * classes)
+    return logits.view(-1, groups, classes).transpose(0, 1) + bias[:, None, :]
 
 
 def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,9 +64,10 @@ def train_probes(features_of: FeatureFn, labels: torch.Tensor, *, num_classes: i
                  seed: int) -> LinearProbes:
     """Train one classifier per weight decay with SGD (Nesterov momentum 0.9, cosine lr to 0, no warm-up).
 
-    features_of(idx, step) gives the features [B, d] of samples ``idx`` (precomputed rows, or an augmented
-    forward pass); labels: int64 [N] on the features' device. The loss of classifier g is the mean cross-entropy
-    plus wd_g / 2 x ||W_g||^2 (the bias is not decayed).
+    features_of(idx, step) gives the features of samples ``idx`` already standardized with ``mean`` and ``std``
+    (rows of a standardized matrix, or an augmented forward pass), float [B, d]; labels: int64 [N] on the
+    features' device. The loss of classifier g is the mean cross-entropy plus wd_g / 2 x ||W_g||^2 (the bias is
+    not decayed). The returned probes standardize raw features themselves.
     """
     device, n, dim, groups = labels.device, labels.numel(), mean.numel(), len(weight_decays)
     g = torch.Generator().manual_seed(derived_seed("probe-init", seed))
@@ -78,7 +82,7 @@ def train_probes(features_of: FeatureFn, labels: torch.Tensor, *, num_classes: i
         order = torch.randperm(n, generator=seeded_generator("cpu", "probe-epoch", seed, epoch)).to(device)
         for i, idx in enumerate(order.split(batch_size)):
             step = epoch * steps_per_epoch + i
-            x = (features_of(idx, step).float() - mean) / std
+            x = features_of(idx, step)
             logits = _batched_logits(x, weight, bias)  # [G, B, C]
             target = labels[idx].repeat(groups)
             ce = F.cross_entropy(logits.reshape(-1, num_classes), target, reduction="none").view(groups, -1).mean(1)

@@ -15,7 +15,8 @@ def clusters(n_per_class, dim=32, classes=10, spread=0.3, seed=0):
 
 def fit(features, labels, weight_decays, epochs=30, seed=0):
     mean, std = feature_stats(features)
-    return train_probes(lambda idx, step: features[idx], labels, num_classes=10, mean=mean, std=std,
+    standardized = (features - mean) / std
+    return train_probes(lambda idx, step: standardized[idx], labels, num_classes=10, mean=mean, std=std,
                         weight_decays=weight_decays, epochs=epochs, batch_size=256, lr=0.1, seed=seed)
 
 
