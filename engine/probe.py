@@ -22,9 +22,9 @@ FeatureFn = Callable[[torch.Tensor, int], torch.Tensor]  # (indices [B], step) -
 
 @dataclass
 class LinearProbes:
-    """G linear classifiers on standardized features: logits = ((x - mean) / std) @ weight[g] + bias[g]."""
+    """G linear classifiers on standardized features: logits_g = ((x - mean) / std) @ weight[g].T + bias[g]."""
 
-    weight: torch.Tensor  # [G, d, C]
+    weight: torch.Tensor  # [G, C, d], nn.Linear's layout per classifier
     bias: torch.Tensor  # [G, C]
     mean: torch.Tensor  # [d]
     std: torch.Tensor  # [d]
@@ -46,10 +46,10 @@ class LinearProbes:
 
 
 def _batched_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [N, d], weight [G, d, C], bias [G, C] -> [G, N, C] as one [N, d] x [d, G C] matmul (x is read once)."""
-    groups, dim, classes = weight.shape
-    logits = x @ weight.permute(1, 0, 2).reshape(dim, groups * classes)
-    return logits.view(-1, groups, classes).transpose(0, 1) + bias[:, None, :]
+    """x [N, d], weight [G, C, d], bias [G, C] -> [G, N, C] as one linear layer of G C outputs (x is read once)."""
+    groups, classes, dim = weight.shape
+    logits = F.linear(x, weight.reshape(groups * classes, dim), bias.reshape(-1))
+    return logits.view(-1, groups, classes).transpose(0, 1)
 
 
 def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,9 +72,11 @@ def train_probes(features_of: FeatureFn, labels: torch.Tensor, *, num_classes: i
     device, n, dim, groups = labels.device, labels.numel(), mean.numel(), len(weight_decays)
     g = torch.Generator().manual_seed(derived_seed("probe-init", seed))
     # Zero init would make every classifier start identical; a small random start breaks symmetry the usual way.
-    weight = (torch.randn(groups, dim, num_classes, generator=g) / math.sqrt(dim)).to(device).requires_grad_()
-    bias = torch.zeros(groups, num_classes, device=device, requires_grad=True)
-    decay = torch.tensor(list(weight_decays), dtype=torch.float32, device=device)
+    # One [G C, d] matrix: a single linear layer computes all classifiers (nn.Linear's layout is also the faster
+    # one for the weight gradient on CPUs).
+    weight = (torch.randn(groups * num_classes, dim, generator=g) / math.sqrt(dim)).to(device).requires_grad_()
+    bias = torch.zeros(groups * num_classes, device=device, requires_grad=True)
+    decay = torch.tensor(list(weight_decays), dtype=torch.float32, device=device).repeat_interleave(num_classes)
     optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
@@ -82,17 +84,17 @@ def train_probes(features_of: FeatureFn, labels: torch.Tensor, *, num_classes: i
         order = torch.randperm(n, generator=seeded_generator("cpu", "probe-epoch", seed, epoch)).to(device)
         for i, idx in enumerate(order.split(batch_size)):
             step = epoch * steps_per_epoch + i
-            x = features_of(idx, step)
-            logits = _batched_logits(x, weight, bias)  # [G, B, C]
-            target = labels[idx].repeat(groups)
-            ce = F.cross_entropy(logits.reshape(-1, num_classes), target, reduction="none").view(groups, -1).mean(1)
-            loss = ce.sum() + 0.5 * (decay * weight.pow(2).sum(dim=(1, 2))).sum()
+            logits = F.linear(features_of(idx, step), weight, bias).view(-1, num_classes)  # [B G, C]
+            # Sum over classifiers of each one's mean cross-entropy, plus each one's L2 penalty.
+            ce = F.cross_entropy(logits, labels[idx].repeat_interleave(groups), reduction="sum") / len(idx)
+            loss = ce + 0.5 * (decay * weight.pow(2).sum(dim=1)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, peak_lr=lr, warmup_steps=0, total_steps=total)
             optimizer.step()
-    return LinearProbes(weight.detach(), bias.detach(), mean, std, list(weight_decays))
+    return LinearProbes(weight.detach().view(groups, num_classes, dim), bias.detach().view(groups, num_classes), mean,
+                        std, list(weight_decays))
 
 
 @dataclass

@@ -36,9 +36,9 @@ def test_probe_reaches_the_exact_regularized_optimum():
     z = (x - probes.mean) / probes.std
 
     def objective(w, b):
-        return F.cross_entropy(z @ w + b, y) + 0.5 * wd * w.pow(2).sum()
+        return F.cross_entropy(z @ w.T + b, y) + 0.5 * wd * w.pow(2).sum()
 
-    w, b = torch.zeros(32, 10, requires_grad=True), torch.zeros(10, requires_grad=True)
+    w, b = torch.zeros(10, 32, requires_grad=True), torch.zeros(10, requires_grad=True)
     lbfgs = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
                               line_search_fn="strong_wolfe")
 
