@@ -32,20 +32,26 @@ from engine.optim import create_optimizer, effective_lr, lr_at
 from engine.tracking import MetricsLog, format_metrics, git_sha, wandb_note, write_json, write_results
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
+from models.global_bn import convert_to_global_bn
 
 
 def main(argv: Sequence[str]) -> dict:
     # ---------------------------------------------------------------- config
     cfg = load_config(argv, PretrainConfig)
-    device = resolve_device(cfg.device)
+    device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
+    if cfg.train.batch_size % dist.world_size():
+        raise UserError(f"train.batch_size={cfg.train.batch_size} (global) does not divide by the world size "
+                        f"{dist.world_size()}")
     if cfg.eval.knn_every and not cfg.data.val_size:
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     if cfg.eval.linear_at_end:
         check_probe_config(cfg.probe, cfg.data.val_size)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     resume = find_resume_state(cfg, run_dir)  # validated before anything is written
-    print(to_yaml(cfg), flush=True)
+    dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    if dist.is_main():
+        print(to_yaml(cfg), flush=True)
 
     # ---------------------------------------------------------------- data: uint8 tensors resident on the device
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
@@ -57,12 +63,13 @@ def main(argv: Sequence[str]) -> dict:
         sampler = EpochSampler(len(train_idx), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     except ValueError as err:
         raise UserError(f"train.batch_size={cfg.train.batch_size}: {err}") from None
-    print(f"data: {len(train_idx)} train / {len(val_idx)} val images {tuple(train_images.shape[1:])} "
-          f"on {device}, {sampler.steps_per_epoch} steps per epoch", flush=True)
+    if dist.is_main():
+        print(f"data: {len(train_idx)} train / {len(val_idx)} val images {tuple(train_images.shape[1:])} on {device}, "
+              f"{sampler.steps_per_epoch} steps per epoch, {dist.world_size()} process(es)", flush=True)
 
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, device).to(device)
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
                             solarize_prob=cfg.aug.solarize_prob)
@@ -75,11 +82,13 @@ def main(argv: Sequence[str]) -> dict:
     if cfg.train.compile and device.type == "cpu":
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
               "ResNet-18 on 2 cores); it is meant for CUDA", file=sys.stderr, flush=True)
-    step_fn = torch.compile(model) if cfg.train.compile else model
+    step_fn = dist.wrap_ddp(model, device)  # the unwrapped `model` is what checkpoints hold
+    step_fn = torch.compile(step_fn) if cfg.train.compile else step_fn
     start_epoch, step, best_knn = 0, 0, None
     if resume is not None:
         start_epoch, step, best_knn = restore(resume, model, optimizer)
-        print(f"resume: from epoch {start_epoch}, step {step} ({resume['_path']})", flush=True)
+        if dist.is_main():
+            print(f"resume: from epoch {start_epoch}, step {step} ({resume['_path']})", flush=True)
 
     # ---------------------------------------------------------------- run directory
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -107,7 +116,8 @@ def main(argv: Sequence[str]) -> dict:
             loss_sum += out["loss"].detach()
             step, steps_since = step + 1, steps_since + 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                loss = check_finite(loss_sum.item() / steps_since, step, ckpt_path)
+                loss = check_finite(dist.all_reduce_sum(loss_sum).item() / steps_since / dist.world_size(), step,
+                                    ckpt_path)
                 views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
@@ -138,21 +148,26 @@ def main(argv: Sequence[str]) -> dict:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+    dist.barrier()
+    dist.shutdown()
     return summary
 
 
-def build_model(cfg: PretrainConfig) -> SimCLR:
-    """Encoder + projection head + loss settings from the config."""
+def build_model(cfg: PretrainConfig, device: torch.device) -> SimCLR:
+    """Encoder + projection head + loss settings from the config; global batch norm under torchrun."""
     encoder = create_encoder(cfg.model.arch, cfg.model.width)
     hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers)
-    return SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1)
+    model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1)
+    if cfg.model.sync_bn and dist.world_size() > 1:  # statistics over the global batch, as in the paper
+        model = convert_to_global_bn(model, device)
+    return model
 
 
 def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch.Generator, lr: float,
                device: torch.device, dtype: torch.dtype) -> dict:
     """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W]; returns the model's output."""
-    view1, view2 = augment(images, generator)
+    view1, view2 = augment(images, generator, shard=(dist.rank(), dist.world_size()))
     if device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
     with autocast(device, dtype):
@@ -216,6 +231,7 @@ def save_checkpoint(path: Path, model: SimCLR, optimizer, cfg: PretrainConfig, s
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                      "config": to_dict(cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
                      "git_sha": git_sha(), "wandb_run_id": None}, path)
+    dist.barrier()  # no rank runs ahead of a checkpoint that a restart would need
 
 
 def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig) -> None:

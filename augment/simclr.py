@@ -1,7 +1,7 @@
 """The SimCLR two-view augmentation, batched: every sample draws its own parameters, no Python loop over samples."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +26,32 @@ class JitterParams:
     applied: Tensor  # bool [n]
 
 
+@dataclass
+class ViewParams:
+    """Every random choice behind n augmented views."""
+
+    boxes: Tensor  # float [n, 4]: crop (top, left, h, w)
+    flip: Tensor  # bool [n]
+    jitter: JitterParams
+    gray: Tensor  # bool [n]
+    sigma: Optional[Tensor]  # [n] blur sigma; None when blur is off
+    blur: Optional[Tensor]  # bool [n]
+    solarize: Optional[Tensor]  # bool [n]
+
+    def take(self, index: Tensor) -> "ViewParams":
+        """The parameters of views ``index`` (int64 [m])."""
+        return _take(self, index)
+
+
+def _take(params, index: Tensor):
+    values = {}
+    for f in fields(params):
+        value = getattr(params, f.name)
+        values[f.name] = value[index] if isinstance(value, Tensor) else (
+            _take(value, index) if is_dataclass(value) else value)
+    return type(params)(**values)
+
+
 class SimCLRAugment:
     """Two augmented views of uint8 images [B, 3, H, W] (any device), normalized float32 [B, 3, H, W] each.
 
@@ -45,25 +71,52 @@ class SimCLRAugment:
         self.blur_prob, self.solarize_prob = blur_prob, solarize_prob
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-        """uint8 [B, 3, H, W] -> two float32 [B, 3, H, W] views, normalized."""
+    def __call__(self, images: Tensor, generator: Optional[torch.Generator] = None,
+                 shard: Tuple[int, int] = (0, 1)) -> Tuple[Tensor, Tensor]:
+        """uint8 [B, 3, H, W] -> two float32 [B, 3, H, W] views, normalized.
+
+        shard=(rank, world): ``images`` are this rank's B images of a global batch of world x B. Parameters are
+        drawn for the whole global batch (cheap: a few numbers per image) and each rank keeps its own rows, so N
+        processes produce exactly the views one process makes of the whole batch with the same generator.
+        """
+        rank, world = shard
+        b = images.shape[0]
         x = images.float().div_(255).repeat(2, 1, 1, 1)  # both views in one batch of 2B: fewer, larger kernels
-        views = self.augment(x, generator)
-        return views.chunk(2)
+        params = self.sample(2 * b * world, *x.shape[-2:], generator, x.device)
+        if world > 1:  # global layout: [view 1 of all world x B images; view 2 of all of them]
+            own = torch.arange(b, device=x.device) + rank * b
+            params = params.take(torch.cat([own, own + b * world]))
+        return self.apply(x, params).chunk(2)
 
     def augment(self, x: Tensor, g: Optional[torch.Generator] = None) -> Tensor:
         """One random view of each float image in [0, 1], [n, 3, H, W] -> normalized [n, 3, H, W]."""
-        n, _, height, width = x.shape
-        boxes = ops.sample_crop_boxes(n, height, width, scale=(self.min_scale, 1.0), generator=g, device=x.device)
-        x = ops.resized_crop(x, boxes, (height, width), flip=self._coin(n, 0.5, g, x.device))
-        x = apply_jitter(x, sample_jitter(n, self.strength, self.jitter_prob, g, x.device))
-        x = _select(self._coin(n, self.gray_prob, g, x.device), ops.grayscale(x), x)
+        return self.apply(x, self.sample(x.shape[0], *x.shape[-2:], g, x.device))
+
+    def sample(self, n: int, height: int, width: int, g: Optional[torch.Generator] = None,
+               device: torch.device | str = "cpu") -> "ViewParams":
+        """Every random choice for n views, drawn from ``g`` in a fixed order."""
+        boxes = ops.sample_crop_boxes(n, height, width, scale=(self.min_scale, 1.0), generator=g, device=device)
+        flip = self._coin(n, 0.5, g, device)
+        jitter = sample_jitter(n, self.strength, self.jitter_prob, g, device)
+        gray = self._coin(n, self.gray_prob, g, device)
+        sigma = blur = solarize = None
         if self.blur_prob > 0:
-            sigma = torch.rand(n, generator=g, device=x.device) * 1.9 + 0.1
-            blurred = ops.gaussian_blur(x, sigma, kernel_size=_odd(0.1 * height))
-            x = _select(self._coin(n, self.blur_prob, g, x.device), blurred, x)
+            sigma = torch.rand(n, generator=g, device=device) * 1.9 + 0.1
+            blur = self._coin(n, self.blur_prob, g, device)
         if self.solarize_prob > 0:
-            x = _select(self._coin(n, self.solarize_prob, g, x.device), ops.solarize(x), x)
+            solarize = self._coin(n, self.solarize_prob, g, device)
+        return ViewParams(boxes, flip, jitter, gray, sigma, blur, solarize)
+
+    def apply(self, x: Tensor, p: "ViewParams") -> Tensor:
+        """Views of float images in [0, 1], [n, 3, H, W], with sampled parameters -> normalized [n, 3, H, W]."""
+        height, width = x.shape[-2:]
+        x = ops.resized_crop(x, p.boxes, (height, width), flip=p.flip)
+        x = apply_jitter(x, p.jitter)
+        x = _select(p.gray, ops.grayscale(x), x)
+        if p.blur is not None:
+            x = _select(p.blur, ops.gaussian_blur(x, p.sigma, kernel_size=_odd(0.1 * height)), x)
+        if p.solarize is not None:
+            x = _select(p.solarize, ops.solarize(x), x)
         return ops.normalize(x, self.mean, self.std)
 
     @staticmethod

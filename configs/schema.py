@@ -94,6 +94,7 @@ class RunConfig:
     name: str = ""  # empty = <arch>-<data.name>-s<seed>
     resume: str = "auto"  # auto | never | <path to a checkpoint>
     ckpt_every: int = 1  # epochs between checkpoints (also written at the end)
+    backend: str = "auto"  # process group under torchrun: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo
 
 
 @dataclass
@@ -143,6 +144,7 @@ class FinetuneEvalConfig:
 class FinetuneRunConfig:
     dir: str = "runs"
     name: str = ""  # empty = <checkpoint run>-<mode>[-<pct>pct]-s<seed>
+    backend: str = "auto"  # process group under torchrun: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo
 
 
 @dataclass
@@ -175,6 +177,7 @@ CHOICES = {
     "optim.name": ("lars", "sgd", "adamw"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "eval.mode": ("linear", "finetune", "knn"),
+    "run.backend": ("auto", "nccl", "gloo"),
 }
 
 # (low, high, low_inclusive) for numeric keys; high None = unbounded.

@@ -1,6 +1,7 @@
 """How entrypoints fail on bad input: one `error:` line on stderr, exit status 2, no traceback."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -19,7 +20,8 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         main(sys.argv[1:] if argv is None else argv)
     except UserError as err:
         one_line = " ".join(part.strip() for part in str(err).splitlines() if part.strip())  # library messages may wrap
-        print(f"error: {one_line}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one of them says why
+            print(f"error: {one_line}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)

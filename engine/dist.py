@@ -9,17 +9,46 @@ import os
 import torch
 import torch.distributed as dist
 
+from engine.cli import UserError
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group that torchrun describes (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU.
 
-    A plain `python` launch (no WORLD_SIZE, or 1) stays a single process and nothing is initialized.
+def init_from_env(device: torch.device, backend: str = "auto") -> torch.device:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1) and return this process's device.
+
+    backend: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo. On CUDA each process takes cuda:LOCAL_RANK. A plain
+    `python` launch (no WORLD_SIZE, or 1) stays a single process and nothing is initialized.
     """
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("run.backend=nccl needs CUDA GPUs and device=cuda (or auto on a GPU machine); "
+                        "use run.backend=gloo or auto on CPUs")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_initialized():
-        return
+        return device
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on this node; "
+                            "use --nproc-per-node <= the GPU count")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=chosen, device_id=device if chosen == "nccl" else None)
+    return device
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` under torchrun (gradients averaged over ranks); the model itself in
+    a single process. Checkpoints keep using the unwrapped module."""
+    if world_size() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def shutdown() -> None:

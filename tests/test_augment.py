@@ -176,3 +176,15 @@ def test_padded_crop_flip_matches_torchvision():
         assert torch.equal(out[i], expected), i
     assert 0 <= offsets.min() and offsets.max() <= 8 and set(offsets.unique().tolist()) == set(range(9))
     assert 0 < flip.sum() < N
+
+
+def test_sharded_views_equal_the_whole_batch():
+    """N ranks augmenting their shards with the same seed make exactly the views of one process on the whole batch."""
+    aug = SimCLRAugment(strength=1.0, blur_prob=0.5, solarize_prob=0.2)
+    images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    whole = aug(images, torch.Generator().manual_seed(6))
+    for world in (2, 3):
+        shards = [aug(images[r * 12 // world:(r + 1) * 12 // world], torch.Generator().manual_seed(6), shard=(r, world))
+                  for r in range(world)]
+        for view in (0, 1):
+            assert torch.equal(torch.cat([s[view] for s in shards]), whole[view])
