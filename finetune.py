@@ -64,8 +64,8 @@ def main(argv: Sequence[str]) -> dict:
                            data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
                            data.test_images.to(device), data.test_labels.to(device), list(data.classes),
                            CIFAR10_MEAN, CIFAR10_STD)
-    print(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / {len(val_idx)} val / "
-          f"{len(data.test_labels)} test images on {device}", flush=True)
+    print(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
+          f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}", flush=True)
 
     # ---------------------------------------------------------------- evaluate
     run_dir.mkdir(parents=True, exist_ok=True)
