@@ -5,6 +5,8 @@ Without a torchrun environment (WORLD_SIZE unset or 1) every function is the sin
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,8 +33,24 @@ def init_from_env(device: torch.device, backend: str = "auto") -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    dist.init_process_group(backend=chosen, device_id=device if chosen == "nccl" else None)
+    dist.init_process_group(backend=chosen, store=_attempt_store(), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), device_id=device if chosen == "nccl" else None)
     return device
+
+
+def _attempt_store() -> Optional[dist.Store]:
+    """A key space of torchrun's agent store for this restart attempt; None outside torchrun (env:// as usual).
+
+    torchrun's agent keeps one store at the same MASTER_PORT across ``--max-restarts`` attempts and torch's env://
+    set-up reuses its keys, so a restarted group reads the dead workers' addresses and cannot connect (seen with
+    gloo on torch 2.14). A prefix per attempt gives each restart a clean rendezvous.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"simclr/attempt_{attempt}", agent_store)
 
 
 def barrier() -> None:

@@ -1,8 +1,10 @@
 """Distributed training, proven on CPU with gloo and 2 processes under torchrun."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -61,3 +63,48 @@ def test_nccl_or_cuda_without_gpus(tmp_path):
     assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "run.backend=nccl")), "run.backend=nccl")
     assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "device=cuda")), "no CUDA GPU")
     assert not (tmp_path / "tiny").exists()
+
+
+def worker_pids(agent_pid):
+    """{RANK: pid} of the processes torchrun's agent started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(entry)
+    return found
+
+
+def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path):
+    args = ["train.epochs=5", "eval.knn_every=0", "train.log_every=3"]
+    reference = torchrun(str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "whole", *args))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
+           "1", str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "killed", *args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "killed" / "tiny" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and time.monotonic() < deadline and agent.poll() is None:
+        time.sleep(0.02)
+    victim = worker_pids(agent.pid).get(1)
+    assert victim is not None, "rank 1 was not found running after the first checkpoint"
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "resume: from epoch" in stdout  # the restarted workers continued from the checkpoint
+    whole = torch.load(tmp_path / "whole" / "tiny" / "checkpoints" / "last.pt", weights_only=False)
+    killed = torch.load(checkpoint, weights_only=False)
+    assert killed["step"] == whole["step"] == 30
+    for key, value in whole["model"].items():
+        assert torch.equal(value, killed["model"][key]), key
