@@ -17,6 +17,7 @@ from augment import CIFAR10_MEAN, CIFAR10_STD
 from configs.load import load_config, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
+from engine import dist
 from engine.checkpoint import EncoderFile, load_strict, read_encoder, sha256_of
 from engine.cli import UserError, run_cli
 from engine.device import resolve_device, resolve_precision
@@ -31,8 +32,11 @@ MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
 def main(argv: Sequence[str]) -> dict:
     # ---------------------------------------------------------------- config and checkpoint (all checks first)
     cfg = load_config(argv, FinetuneConfig)
-    device = resolve_device(cfg.device)
+    device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
+    if cfg.eval.mode == "finetune" and cfg.train.batch_size % dist.world_size():
+        raise UserError(f"train.batch_size={cfg.train.batch_size} (global) does not divide by the world size "
+                        f"{dist.world_size()}")
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
@@ -43,7 +47,8 @@ def main(argv: Sequence[str]) -> dict:
     if cfg.eval.mode == "linear":
         check_probe_config(cfg.probe, cfg.data.val_size)
     checkpoint_sha = sha256_of(source.path) if source else None
-    print(to_yaml(cfg), flush=True)
+    dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
+    say(to_yaml(cfg))
 
     # ---------------------------------------------------------------- encoder: architecture from the checkpoint
     torch.manual_seed(cfg.seed)
@@ -53,8 +58,8 @@ def main(argv: Sequence[str]) -> dict:
     encoder = encoder.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     if cfg.eval.mode != "finetune":
         encoder.requires_grad_(False)
-    print(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
-          f"from {source.path if source else 'random initialization'}", flush=True)
+    say(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
+          f"from {source.path if source else 'random initialization'}")
 
     # ---------------------------------------------------------------- data: labeled splits on the device
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
@@ -64,13 +69,14 @@ def main(argv: Sequence[str]) -> dict:
                            data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
                            data.test_images.to(device), data.test_labels.to(device), list(data.classes),
                            CIFAR10_MEAN, CIFAR10_STD)
-    print(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
-          f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}", flush=True)
+    say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
+          f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
 
     # ---------------------------------------------------------------- evaluate
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
     wandb_note(cfg.wandb.mode)
     outcome = evaluate(cfg, encoder, splits, dtype, metrics)
 
@@ -80,12 +86,20 @@ def main(argv: Sequence[str]) -> dict:
                             git_sha=git_sha(), config=to_dict(cfg))
     metrics.log(outcome.extra.get("finetune/steps", 0), final_epoch(cfg),
                 {k: record[k] for k in ("val/top1", "test/top1", "test/top5") if record[k] is not None})
-    path = write_results(run_dir, record, splits.classes)
-    val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
-    print(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
-          f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}",
-          flush=True)
+    if dist.is_main():
+        path = write_results(run_dir, record, splits.classes)
+        val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
+        say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
+            f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}")
+    dist.barrier()
+    dist.shutdown()
     return record
+
+
+def say(text: str) -> None:
+    """Print on rank 0 only (every rank of a torchrun job computes the same numbers)."""
+    if dist.is_main():
+        print(text, flush=True)
 
 
 def read_source(checkpoint: str) -> Optional[EncoderFile]:
@@ -124,7 +138,7 @@ def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplit
         return knn_evaluation(encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, dtype=dtype)
     if cfg.eval.mode == "linear":
         return linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype, augment=cfg.eval.augment,
-                                 refit_allowed=cfg.eval.label_fraction == 1)
+                                 refit_allowed=cfg.eval.label_fraction == 1, log=say)
     return finetune_evaluation(encoder, splits, cfg.train, cfg.optim, seed=cfg.seed, dtype=dtype,
                                val_every=cfg.eval.val_every, metrics=metrics)
 

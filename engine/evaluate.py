@@ -21,7 +21,8 @@ from data import EpochSampler, seeded_generator
 from engine.accuracy import classification_report, topk_accuracy
 from engine.cli import UserError
 from engine.device import autocast
-from engine.knn import extract_features, knn_predict
+from engine import dist
+from engine.knn import extract_features_sharded, knn_predict
 from engine.optim import create_optimizer, effective_lr, lr_at
 from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
 from engine.tracking import MetricsLog, format_metrics
@@ -57,7 +58,7 @@ class EvalOutcome:
 def knn_evaluation(encoder: nn.Module, splits: LabeledSplits, *, k: int, temperature: float,
                    dtype: torch.dtype) -> EvalOutcome:
     """Weighted kNN with the labeled training images as the bank (the same code as the pretraining monitor)."""
-    features = partial(extract_features, encoder, mean=splits.mean, std=splits.std, dtype=dtype)
+    features = partial(extract_features_sharded, encoder, mean=splits.mean, std=splits.std, dtype=dtype)
     bank = features(splits.train_images)
     vote = partial(knn_predict, bank, splits.train_labels, num_classes=splits.num_classes, k=k,
                    temperature=temperature)
@@ -87,7 +88,7 @@ def linear_evaluation(encoder: nn.Module, splits: LabeledSplits, cfg: ProbeConfi
     """
     check_probe_config(cfg, len(splits.val_labels))
     tick = time.perf_counter()
-    features = partial(extract_features, encoder, mean=splits.mean, std=splits.std, dtype=dtype)
+    features = partial(extract_features_sharded, encoder, mean=splits.mean, std=splits.std, dtype=dtype)
     train_f, val_f, test_f = (features(x) for x in (splits.train_images, splits.val_images, splits.test_images))
     log(f"probe: features {tuple(train_f.shape)} train, {tuple(val_f.shape)} val, {tuple(test_f.shape)} test "
         f"in {time.perf_counter() - tick:.1f}s")
@@ -161,7 +162,7 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
     """
     device = splits.train_labels.device
     try:
-        sampler = EpochSampler(len(splits.train_labels), train.batch_size, seed)
+        sampler = EpochSampler(len(splits.train_labels), train.batch_size, seed, dist.rank(), dist.world_size())
     except ValueError as err:
         raise UserError(f"train.batch_size={train.batch_size}: {err}; lower train.batch_size") from None
     model = Classifier(encoder, splits.num_classes).to(device)
@@ -171,14 +172,16 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
     total = train.epochs * sampler.steps_per_epoch
     schedule = partial(lr_at, peak_lr=peak, warmup_steps=round(optim.warmup_epochs * sampler.steps_per_epoch),
                        total_steps=total, min_lr=optim.min_lr_ratio * peak)
-    step_model = torch.compile(model) if train.compile else model
-    predict = partial(extract_features, model, mean=splits.mean, std=splits.std, dtype=dtype)  # logits [N, C]
+    step_model = dist.wrap_ddp(model, device)  # gradients averaged over ranks under torchrun
+    step_model = torch.compile(step_model) if train.compile else step_model
+    predict = partial(extract_features_sharded, model, mean=splits.mean, std=splits.std, dtype=dtype)  # [N, C]
     val_top1, step = None, 0
     for epoch in range(train.epochs):
         model.train()
         loss_sum, seen, tick = torch.zeros((), device=device), 0, time.perf_counter()
         for idx in sampler.batches(epoch, device):
-            x = _augment_batch(splits.train_images[idx], splits, seeded_generator(device, "finetune", seed, step))
+            g = seeded_generator(device, "finetune", seed, step, dist.rank())
+            x = _augment_batch(splits.train_images[idx], splits, g)
             with autocast(device, dtype):
                 loss = F.cross_entropy(step_model(x).float(), splits.train_labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -191,13 +194,17 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
             step, seen = step + 1, seen + 1
             if step % train.log_every == 0 or seen == sampler.steps_per_epoch:  # the only host syncs
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
-                    "train/loss": loss_sum.item() / seen, "train/lr": lr, "train/base_lr": optim.base_lr,
+                    "train/loss": dist.all_reduce_sum(loss_sum.clone()).item() / seen / dist.world_size(),
+                    "train/lr": lr, "train/base_lr": optim.base_lr,
                     "train/images_per_s": seen * train.batch_size / (time.perf_counter() - tick)})
-                print(format_metrics(record), flush=True)
+                if dist.is_main():
+                    print(format_metrics(record), flush=True)
         done = epoch + 1
         if len(splits.val_labels) and ((val_every and done % val_every == 0) or done == train.epochs):
             val_top1 = topk_accuracy(predict(splits.val_images), splits.val_labels)
-            print(format_metrics(metrics.log(step, done, {"val/top1": val_top1})), flush=True)
+            record = metrics.log(step, done, {"val/top1": val_top1})
+            if dist.is_main():
+                print(format_metrics(record), flush=True)
     return EvalOutcome(predict(splits.test_images), val_top1, len(splits.train_labels),
                        {"finetune/steps": step, "finetune/peak_lr": peak})
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from augment.ops import normalize
+from engine import dist
 from engine.device import autocast
 
 
@@ -23,6 +24,20 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, *, mean, std, bat
             out.append(encoder(x).float())
     encoder.train(was_training)
     return torch.cat(out)
+
+
+def extract_features_sharded(encoder: nn.Module, images: torch.Tensor, **kw) -> torch.Tensor:
+    """:func:`extract_features` with the images split over the processes of a torchrun job and the features
+    gathered back (every rank gets all [N, d], in order); the same as :func:`extract_features` in one process."""
+    world = dist.world_size()
+    if world == 1:
+        return extract_features(encoder, images, **kw)
+    n = images.shape[0]
+    per_rank = -(-n // world)
+    own = images[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
+    padded = torch.cat([own, own[:1].expand(per_rank - own.shape[0], *own.shape[1:])]) if len(own) else \
+        images[:1].expand(per_rank, *images.shape[1:])  # all_gather needs equal shapes; padding rows are dropped
+    return dist.all_gather_cat(extract_features(encoder, padded.contiguous(), **kw))[:n]
 
 
 @torch.no_grad()

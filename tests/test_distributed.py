@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,3 +109,43 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path):
     assert killed["step"] == whole["step"] == 30
     for key, value in whole["model"].items():
         assert torch.equal(value, killed["model"][key]), key
+
+
+def test_finetune_under_torchrun(tmp_path):
+    pretrain = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert pretrain.returncode == 0, pretrain.stderr
+    common = ["data.name=synthetic", "device=cpu", "data.val_size=500", "probe.epochs=3", "train.epochs=1",
+              "train.batch_size=100", "eval.knn_k=20", "wandb.mode=disabled", f"checkpoint={tmp_path / 'tiny'}"]
+    records = {}
+    for mode in ("knn", "linear", "finetune"):
+        for procs in (1, 2):
+            args = [*common, f"eval.mode={mode}", f"run.dir={tmp_path / f'{mode}{procs}'}", "run.name=eval"]
+            result = torchrun(str(REPO / "finetune.py"), *args, nproc=procs)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.stdout.count("result: ") == 1  # rank 0 alone reports
+            records[mode, procs] = json.loads((tmp_path / f"{mode}{procs}" / "eval" / "results.json").read_text())
+    for mode in ("knn", "linear"):  # features gathered from both ranks: the same numbers as one process
+        assert records[mode, 2]["test/confusion"] == records[mode, 1]["test/confusion"]
+    assert records["finetune", 2]["data/train_images"] == 4500 and records["finetune", 2]["finetune/steps"] == 45
+
+
+def test_slurm_script_runs_a_c10d_job(tmp_path):
+    """scripts/slurm.sbatch with stand-ins for srun and scontrol: one node, 2 CPU workers, c10d rendezvous."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drops --kill-on-bad-exit=1
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "2", "RDZV_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"),
+                             *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0")],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert (tmp_path / "tiny" / "encoder.pt").is_file()
