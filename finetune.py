@@ -34,6 +34,8 @@ def main(argv: Sequence[str]) -> dict:
     cfg = load_config(argv, FinetuneConfig)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
+    if dtype == torch.float64:
+        raise UserError("train.precision=fp64 is for pretraining exactness checks; use fp32, bf16 or auto here")
     if cfg.eval.mode == "finetune" and cfg.train.batch_size % dist.world_size():
         raise UserError(f"train.batch_size={cfg.train.batch_size} (global) does not divide by the world size "
                         f"{dist.world_size()}")

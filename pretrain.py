@@ -69,7 +69,7 @@ def main(argv: Sequence[str]) -> dict:
 
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device).to(device)
+    model = build_model(cfg, device).to(device, dtype=torch.float64 if dtype == torch.float64 else None)
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
                             solarize_prob=cfg.aug.solarize_prob)
@@ -168,6 +168,8 @@ def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch
                device: torch.device, dtype: torch.dtype) -> dict:
     """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W]; returns the model's output."""
     view1, view2 = augment(images, generator, shard=(dist.rank(), dist.world_size()))
+    if dtype == torch.float64:  # train.precision=fp64: the whole model in double precision
+        view1, view2 = view1.double(), view2.double()
     if device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
     with autocast(device, dtype):

@@ -53,7 +53,7 @@ class AugConfig:
 class TrainConfig:
     epochs: int = 1000
     batch_size: int = 512  # global: summed over all processes
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (exactness checks)
     compile: bool = False
     log_every: int = 50  # steps between reads of device-side metrics (each read is a host sync)
 
@@ -173,7 +173,7 @@ CHOICES = {
     "data.name": ("cifar10", "folder", "synthetic"),
     "model.arch": ARCHS,
     "loss.impl": ("auto", "reference", "fused"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp64"),
     "optim.name": ("lars", "sgd", "adamw"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "eval.mode": ("linear", "finetune", "knn"),

@@ -27,14 +27,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 on CPU (CPU bf16 autocast is slow and changes results)."""
+    """'auto' -> bf16 on CUDA, fp32 on CPU (CPU bf16 autocast is slow and changes results). 'fp64' runs the whole
+    model in double precision: slow, for exactness checks such as 1 process == N processes."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass when dtype is below fp32; a no-op context otherwise."""
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

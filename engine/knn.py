@@ -20,6 +20,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, *, mean, std, bat
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = normalize(images[start:start + batch_size].float().div_(255), mean, std)
+        x = x.double() if dtype == torch.float64 else x
         with autocast(x.device, dtype):
             out.append(encoder(x).float())
     encoder.train(was_training)
