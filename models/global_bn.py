@@ -55,7 +55,7 @@ def convert_to_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
     for name, child in module.named_children():
         if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
             replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                          child.track_running_stats).to(child.weight.device)
+                                          child.track_running_stats).to(child.weight.device, child.weight.dtype)
             replacement.load_state_dict(child.state_dict())
             setattr(module, name, replacement)
         else:

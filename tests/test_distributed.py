@@ -26,9 +26,9 @@ def test_ddp_gradients_and_training_equal_one_process(tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["world_size"] == 2
     for impl in ("reference", "fused"):
-        assert metrics[f"{impl}/grad"] < 1e-6  # fp64, global batch norm, DDP averaging + gather
-        assert metrics[f"{impl}/running_stats"] < 1e-6
-    assert metrics["train/max_abs_weight_diff"] < 1e-5  # three LARS steps on sharded augmented batches
+        assert metrics[f"{impl}/grad"] < 1e-10  # fp64, global batch norm, DDP averaging + gather; measured ~4e-14
+        assert metrics[f"{impl}/running_stats"] < 1e-10
+    assert metrics["train/max_abs_weight_diff"] < 1e-10  # three LARS steps on sharded augmented batches; ~2e-13
 
 
 def first_loss(run_dir):
