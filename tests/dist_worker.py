@@ -76,7 +76,8 @@ def ddp_checks(rank: int, world: int, device: torch.device, results: dict) -> No
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
     train_three_steps(dist.wrap_ddp(sharded, device), images[:, rows], (rank, world), device)
     a, b = single.state_dict(), sharded.state_dict()
-    results["ddp/train/max_abs_weight_diff"] = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+    results["ddp/train/max_abs_weight_diff"] = max((a[k] - b[k]).abs().max().item()
+                                                   for k in a if a[k].is_floating_point())
 
 
 def train_three_steps(model, images, shard, device):
