@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import dist
+from losses import triton_nt_xent
 from losses.gather import gather_with_grad
 
 IMPLS = ("auto", "reference", "fused")
@@ -60,7 +61,8 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gat
     """Same value and gradients as :func:`nt_xent_reference`, in O(n d + block x 2nW) memory.
 
     The similarity matrix is walked in row blocks: forward keeps each anchor's log-sum-exp, backward recomputes
-    each block. Blocked PyTorch; no Python loop per row.
+    each block. Forward is one Triton kernel (similarity + online log-sum-exp) for fp32 CUDA inputs when triton
+    imports, blocked PyTorch otherwise; backward is blocked PyTorch. No Python loop per row.
     """
     n = z1.shape[0]
     anchors = _unit_rows(z1, z2)
@@ -77,9 +79,12 @@ class _BlockedNTXent(torch.autograd.Function):
                 ) -> torch.Tensor:
         m = anchors.shape[0]
         positives = offset + (torch.arange(m, device=anchors.device) + m // 2) % m
-        lse = torch.empty(m, device=anchors.device, dtype=anchors.dtype)
-        for rows, logits in _logit_blocks(anchors, candidates, offset, temperature):
-            lse[rows] = torch.logsumexp(logits, dim=1)
+        if triton_nt_xent.available(anchors):  # fp32 on CUDA: one fused kernel, no logit blocks in memory
+            lse = triton_nt_xent.row_logsumexp(anchors, candidates, offset, temperature)
+        else:
+            lse = torch.empty(m, device=anchors.device, dtype=anchors.dtype)
+            for rows, logits in _logit_blocks(anchors, candidates, offset, temperature):
+                lse[rows] = torch.logsumexp(logits, dim=1)
         positive_logits = (anchors * candidates[positives]).sum(dim=1) / temperature
         ctx.save_for_backward(anchors, candidates, lse, positives)
         ctx.offset, ctx.temperature = offset, temperature

@@ -1,10 +1,15 @@
 import importlib
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from losses import nt_xent
+from tests.conftest import REPO
 nt_xent_module = importlib.import_module("losses.nt_xent")  # the package re-exports a function of that name
 from losses.diagnostics import embedding_stats
 
@@ -105,3 +110,26 @@ def test_embedding_stats_against_direct_computation():
     torch.testing.assert_close(s["pos_cos"], pos.mean())
     torch.testing.assert_close(s["neg_cos"], cos[mask].mean())
     torch.testing.assert_close(s["align"], (u[:10] - u[10:]).square().sum(1).mean())
+
+
+def run_triton_check(device, interpret):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "triton_interpret_check.py"), device], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_triton_forward_kernel_in_the_interpreter():
+    """The Triton kernel's logic, run by Triton's CPU interpreter: fused (Triton forward) == reference in fp32."""
+    worst = run_triton_check("cpu", interpret=True)
+    assert worst["used_triton"] and worst["value"] < 1e-5 and worst["grad"] < 1e-5, worst
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_forward_kernel_on_the_gpu():
+    worst = run_triton_check("cuda", interpret=False)
+    assert worst["used_triton"] and worst["value"] < 1e-5 and worst["grad"] < 1e-5, worst
