@@ -1,6 +1,8 @@
 """NT-Xent (normalized temperature-scaled cross-entropy), the SimCLR loss."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -66,8 +68,8 @@ def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gat
     """
     n = z1.shape[0]
     anchors = _unit_rows(z1, z2)
-    candidates = gather_with_grad(anchors) if gather else anchors
-    offset = 2 * n * dist.rank() if gather else 0
+    candidates = gather_with_grad(anchors) if gather else None  # None: the anchors themselves (one input, so
+    offset = 2 * n * dist.rank() if gather else 0                 # torch.compile can trace the function)
     return _BlockedNTXent.apply(anchors, candidates, offset, temperature)
 
 
@@ -75,8 +77,10 @@ class _BlockedNTXent(torch.autograd.Function):
     """Mean over anchors a_i [m, d] of logsumexp_{j != self} (a_i . c_j / T) - a_i . c_pos(i) / T."""
 
     @staticmethod
-    def forward(ctx, anchors: torch.Tensor, candidates: torch.Tensor, offset: int, temperature: float
+    def forward(ctx, anchors: torch.Tensor, candidates: Optional[torch.Tensor], offset: int, temperature: float
                 ) -> torch.Tensor:
+        ctx.shared = candidates is None
+        candidates = anchors if candidates is None else candidates
         m = anchors.shape[0]
         positives = offset + (torch.arange(m, device=anchors.device) + m // 2) % m
         if triton_nt_xent.available(anchors):  # fp32 on CUDA: one fused kernel, no logit blocks in memory
@@ -101,6 +105,8 @@ class _BlockedNTXent(torch.autograd.Function):
             probs.mul_(scale)
             grad_anchors[rows] = probs @ candidates
             grad_candidates.addmm_(probs.T, anchors[rows])
+        if ctx.shared:  # anchors were also the candidates: both roles' gradients reach the same rows
+            return grad_anchors + grad_candidates, None, None, None
         return grad_anchors, grad_candidates, None, None
 
 
