@@ -79,14 +79,17 @@ def test_fused_equals_reference_in_value_and_gradient(monkeypatch, dtype, tol, n
         assert ((mine - theirs).norm() / theirs.norm().clamp(min=1e-30)).item() < tol
 
 
-def test_fused_takes_low_precision_inputs_and_returns_their_dtype():
-    z1 = torch.randn(32, 16).bfloat16().requires_grad_()
-    z2 = torch.randn(32, 16).bfloat16().requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_takes_low_precision_inputs_and_returns_their_dtype(dtype):
+    z1 = torch.randn(32, 16).to(dtype).requires_grad_()
+    z2 = torch.randn(32, 16).to(dtype).requires_grad_()
     fused = nt_xent(z1, z2, 0.2, impl="fused")
     ref = nt_xent(z1, z2, 0.2, impl="reference")
-    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(ref.item(), rel=1e-5)  # logits in fp32
+    exact = nt_xent(z1.double(), z2.double(), 0.2, impl="reference")
+    assert fused.item() == pytest.approx(exact.item(), rel=1e-6)  # fp32 scoring of the same low-precision inputs
     grad = torch.autograd.grad(fused, z1)[0]
-    assert grad.dtype == torch.bfloat16
+    assert grad.dtype == dtype
 
 
 def test_auto_picks_fused_only_for_large_batches(monkeypatch):
