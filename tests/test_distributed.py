@@ -99,15 +99,21 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
            "1", str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "killed", *args)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own process group: nothing outlives a failed test
     checkpoint = tmp_path / "killed" / "tiny" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and time.monotonic() < deadline and agent.poll() is None:
-        time.sleep(0.02)
-    victim = worker_pids(agent.pid).get(1)
-    assert victim is not None, "rank 1 was not found running after the first checkpoint"
-    os.kill(victim, signal.SIGKILL)
-    stdout, stderr = agent.communicate(timeout=300)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoint.exists() and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.02)
+        victim = worker_pids(agent.pid).get(1)
+        assert victim is not None, "rank 1 was not found running after the first checkpoint"
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = agent.communicate(timeout=300)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
     assert agent.returncode == 0, stderr[-3000:]
     assert "resume: from epoch" in stdout  # the restarted workers continued from the checkpoint
     whole = torch.load(tmp_path / "whole" / "tiny" / "checkpoints" / "last.pt", weights_only=False)
