@@ -23,7 +23,7 @@ from engine.cli import UserError, run_cli
 from engine.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, finetune_evaluation, knn_evaluation,
                              linear_evaluation, results_record)
-from engine.tracking import MetricsLog, git_sha, wandb_note, write_results
+from engine.tracking import MetricsLog, git_sha, run_facts, start_wandb, write_results
 from models import create_encoder
 
 MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
@@ -78,8 +78,9 @@ def main(argv: Sequence[str]) -> dict:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
-    wandb_note(cfg.wandb.mode)
+    wandb_run = start_wandb(cfg.wandb, job_type=cfg.eval.mode, config=to_dict(cfg), run_dir=run_dir,
+                            enabled=dist.is_main(), **run_facts(device))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     outcome = evaluate(cfg, encoder, splits, dtype, metrics)
 
     # ---------------------------------------------------------------- results
@@ -90,6 +91,9 @@ def main(argv: Sequence[str]) -> dict:
                 {k: record[k] for k in ("val/top1", "test/top1", "test/top5") if record[k] is not None})
     if dist.is_main():
         path = write_results(run_dir, record, splits.classes)
+        if wandb_run is not None:
+            wandb_run.summarize({k: v for k, v in record.items() if k != "config"})
+            wandb_run.finish()
         val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
         say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
             f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}")

@@ -29,7 +29,7 @@ from engine.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.knn import extract_features, knn_top1
 from engine.optim import create_optimizer, effective_lr, lr_at
-from engine.tracking import MetricsLog, format_metrics, git_sha, wandb_note, write_json, write_results
+from engine.tracking import MetricsLog, format_metrics, git_sha, run_facts, start_wandb, write_json, write_results
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn
@@ -95,9 +95,11 @@ def main(argv: Sequence[str]) -> dict:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main())
+    wandb_run = start_wandb(cfg.wandb, job_type="pretrain", config=to_dict(cfg), run_dir=run_dir,
+                            run_id=resume.get("wandb_run_id") if resume else None, enabled=dist.is_main(),
+                            **run_facts(device))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     metrics.truncate_after(step if resume is not None else -1)
-    wandb_note(cfg.wandb.mode)
     knn = partial(knn_eval, model.encoder, train_images, train_labels, val_images, val_labels, cfg, augment, dtype)
     if cfg.eval.knn_every and step == 0:
         best_knn = report(metrics, step, 0, {"knn/top1": knn()})
@@ -134,7 +136,7 @@ def main(argv: Sequence[str]) -> dict:
             top1 = report(metrics, step, done, {"knn/top1": knn()})
             best_knn = top1 if best_knn is None else max(best_knn, top1)
         if done % cfg.run.ckpt_every == 0 or done == cfg.train.epochs:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn)
+            save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn, wandb_run)
 
     # ---------------------------------------------------------------- finish
     summary = {"step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(), **final_knn(metrics)}
@@ -147,6 +149,9 @@ def main(argv: Sequence[str]) -> dict:
                                    data.test_labels.to(device), list(data.classes), augment.mean, augment.std)
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
+        if wandb_run is not None:
+            wandb_run.summarize(summary)
+            wandb_run.finish()
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     dist.barrier()
     dist.shutdown()
@@ -227,12 +232,12 @@ def check_finite(loss: float, step: int, ckpt_path: Path) -> float:
 
 
 def save_checkpoint(path: Path, model: SimCLR, optimizer, cfg: PretrainConfig, step: int, epoch: int,
-                    best_knn: Optional[float]) -> None:
+                    best_knn: Optional[float], wandb_run=None) -> None:
     """Everything needed to continue exactly, from the unwrapped module; written atomically by rank 0."""
     if dist.is_main():
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                      "config": to_dict(cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
-                     "git_sha": git_sha(), "wandb_run_id": None}, path)
+                     "git_sha": git_sha(), "wandb_run_id": wandb_run.id if wandb_run else None}, path)
     dist.barrier()  # no rank runs ahead of a checkpoint that a restart would need
 
 

@@ -1,6 +1,7 @@
-"""Run records: metrics.jsonl (always, the source of truth), summary.json, console lines.
+"""Run records: metrics.jsonl (always, the source of truth), summary.json, console lines, and W&B.
 
-W&B integration is its own piece of work; until it lands, runs record locally only.
+This is the only module that imports wandb, and only when ``wandb.mode`` is not ``disabled``. Every metric goes
+through :class:`MetricsLog`, which writes metrics.jsonl and forwards the same slash names to W&B.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -35,10 +36,11 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per line: ``{"step", "epoch", "<group>/<name>": value, ...}``."""
+    """Appends one JSON object per line: ``{"step", "epoch", "<group>/<name>": value, ...}``; forwards each record
+    to a W&B run when one is attached."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: Path, enabled: bool = True, wandb_run: Optional["WandbRun"] = None) -> None:
+        self.path, self.enabled, self.wandb_run = Path(path), enabled, wandb_run
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: a resumed run re-does those steps and logs them again."""
@@ -53,6 +55,8 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.wandb_run is not None:
+                self.wandb_run.log(record)
         return record
 
 
@@ -64,11 +68,80 @@ def _complete(line: str) -> bool:
         return False
 
 
-def wandb_note(mode: str) -> None:
-    """Say once that W&B is not wired yet when it was asked for explicitly."""
-    if mode in ("online", "offline"):
-        print(f"wandb: mode={mode} requested, but W&B tracking is not wired yet; metrics go to metrics.jsonl",
-              file=sys.stderr)
+class WandbRun:
+    """One W&B run per job (rank 0), offline-first.
+
+    mode: auto (online when an API key is configured, else offline with a hint on `wandb sync`) | online | offline.
+    Files go to ``<run_dir>/wandb/``. ``run_id`` resumes the same W&B run (it is saved in checkpoints).
+    """
+
+    def __init__(self, cfg, *, job_type: str, config: Dict[str, Any], run_dir: Path, run_id: Optional[str] = None,
+                 extra_config: Optional[Dict[str, Any]] = None) -> None:
+        import wandb  # imported here: with wandb.mode=disabled it is never imported at all
+
+        mode = cfg.mode if cfg.mode != "auto" else ("online" if _has_wandb_credentials() else "offline")
+        (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or Path(run_dir).name,
+            tags=list(cfg.tags), notes=cfg.notes, job_type=job_type, mode=mode, dir=str(run_dir),
+            config={**config, **(extra_config or {})}, id=run_id, resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+        self.mode = mode
+        # Epoch-level metrics are plotted against epochs, step-level ones against steps.
+        self.run.define_metric("step")
+        self.run.define_metric("epoch")
+        for pattern in ("train/*",):
+            self.run.define_metric(pattern, step_metric="step")
+        for pattern in ("knn/*", "val/*", "test/*", "linear/*"):
+            self.run.define_metric(pattern, step_metric="epoch")
+        self.run.define_metric("knn/top1", step_metric="epoch", summary="max")
+        self.run.define_metric("knn/top1", step_metric="epoch", summary="last")
+        if mode == "offline" and cfg.mode == "auto":
+            print(f"wandb: no credentials found, writing offline to {run_dir}/wandb; upload later with "
+                  f"`wandb sync {run_dir}/wandb/offline-run-*`", file=sys.stderr, flush=True)
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def summarize(self, values: Dict[str, Any]) -> None:
+        """Final metrics into the run summary (lists and dicts included); knn/top1 keeps its max and last."""
+        for key, value in values.items():
+            if key != "knn/top1":
+                self.run.summary[key] = value
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def start_wandb(cfg, *, job_type: str, config: Dict[str, Any], run_dir: Path, run_id: Optional[str] = None,
+                enabled: bool = True, **extra_config) -> Optional[WandbRun]:
+    """A :class:`WandbRun` unless ``wandb.mode=disabled`` or this is not rank 0 (then None, wandb not imported)."""
+    if cfg.mode == "disabled" or not enabled:
+        return None
+    return WandbRun(cfg, job_type=job_type, config=config, run_dir=run_dir, run_id=run_id,
+                    extra_config=extra_config)
+
+
+def run_facts(device) -> Dict[str, Any]:
+    """What W&B's config gets beside the resolved config: commit, world size, device, torch version."""
+    import torch
+
+    from engine import dist
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"git_sha": git_sha(), "world_size": dist.world_size(), "device_name": name,
+            "torch_version": torch.__version__}
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def format_metrics(record: Dict[str, Any]) -> str:

@@ -1,0 +1,63 @@
+"""W&B, offline: the real entrypoints write runs that `wandb leet inspect` reads back."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import run_entry, tiny_run_args
+
+
+def leet(run_dir: Path, *args: str):
+    """`wandb leet inspect` on the run's latest W&B run: the --summary object, or the run record."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_cli), "leet", "inspect", *args, "--json", str(run_dir / "wandb" / "latest-run")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if "--summary" in args:
+        return json.loads(out.stdout)
+    return next(json.loads(line) for line in out.stdout.splitlines() if '"type":"run"' in line.replace(" ", ""))
+
+
+def offline_args(tmp_path, *extra):
+    args = tiny_run_args(tmp_path, *extra)
+    return [a for a in args if not a.startswith("wandb.mode=")] + [
+        "wandb.mode=offline", "wandb.group=sweep-b100", "wandb.tags=[smoke,cpu]", "wandb.project=simclr-tests"]
+
+
+def test_pretraining_run_reads_back_and_resume_keeps_the_run_id(tmp_path):
+    first = run_entry("pretrain.py", *offline_args(tmp_path, "train.epochs=1"))
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "tiny"
+    summary = leet(run_dir, "--summary")
+    assert summary["state"] == "finished" and summary["tags"] == ["smoke", "cpu"]
+    assert summary["project"] == "simclr-tests"
+    assert summary["config"]["model"]["width"] == 4 and summary["config"]["world_size"] == 1
+    assert {"git_sha", "device_name", "torch_version"} <= set(summary["config"])
+    local = json.loads((run_dir / "summary.json").read_text())
+    assert summary["summary"]["knn/best_top1"] == local["knn/best_top1"]
+    assert summary["summary"]["knn/top1"]["last"] == local["knn/top1"]  # knn/top1 keeps last and max
+    assert summary["summary"]["knn/top1"]["max"] == local["knn/best_top1"]
+    record = leet(run_dir)["run"]
+    assert record["run_group"] == "sweep-b100" and record["job_type"] == "pretrain"
+    run_id = summary["run_id"]
+    import torch
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["wandb_run_id"] == run_id
+
+    second = run_entry("pretrain.py", *offline_args(tmp_path, "train.epochs=2"))  # resumes from the checkpoint
+    assert second.returncode == 0, second.stderr
+    assert "resume: from epoch 1" in second.stdout
+    assert leet(run_dir, "--summary")["run_id"] == run_id
+
+
+def test_evaluation_job_type(tmp_path):
+    pretrain = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert pretrain.returncode == 0, pretrain.stderr
+    result = run_entry("finetune.py", "data.name=synthetic", "device=cpu", "data.val_size=500", "eval.mode=knn",
+                       "eval.knn_k=20", f"checkpoint={tmp_path / 'tiny'}", f"run.dir={tmp_path}", "run.name=knn",
+                       "wandb.mode=offline", "wandb.group=evals")
+    assert result.returncode == 0, result.stderr
+    summary = leet(tmp_path / "knn", "--summary")
+    results = json.loads((tmp_path / "knn" / "results.json").read_text())
+    assert summary["summary"]["test/top1"] == results["test/top1"]
+    record = leet(tmp_path / "knn")["run"]
+    assert record["job_type"] == "knn" and record["run_group"] == "evals"
