@@ -23,7 +23,7 @@ from engine.cli import UserError, run_cli
 from engine.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, finetune_evaluation, knn_evaluation,
                              linear_evaluation, results_record)
-from engine.tracking import MetricsLog, git_sha, run_facts, start_wandb, write_results
+from engine.tracking import MetricsLog, git_sha, keep_wandb_out, run_facts, start_wandb, write_results
 from models import create_encoder
 
 MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
@@ -32,6 +32,7 @@ MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
 def main(argv: Sequence[str]) -> dict:
     # ---------------------------------------------------------------- config and checkpoint (all checks first)
     cfg = load_config(argv, FinetuneConfig)
+    keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
     if dtype == torch.float64:

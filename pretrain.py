@@ -29,7 +29,8 @@ from engine.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.knn import extract_features, knn_top1
 from engine.optim import create_optimizer, effective_lr, lr_at
-from engine.tracking import MetricsLog, format_metrics, git_sha, run_facts, start_wandb, write_json, write_results
+from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
+                             write_results)
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn
@@ -38,6 +39,7 @@ from models.global_bn import convert_to_global_bn
 def main(argv: Sequence[str]) -> dict:
     # ---------------------------------------------------------------- config
     cfg = load_config(argv, PretrainConfig)
+    keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
     if cfg.train.batch_size % dist.world_size():

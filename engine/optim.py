@@ -5,7 +5,6 @@ import math
 from typing import Any
 
 import torch
-from timm.optim import Lars
 from torch import nn
 
 
@@ -48,6 +47,8 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
     """
     groups = param_groups(model, weight_decay)
     if name == "lars":
+        from timm.optim import Lars  # timm loads only when LARS is used (after engine.tracking.keep_wandb_out)
+
         return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=1e-3)
     for g in groups:
         g.pop("always_adapt")

@@ -117,6 +117,17 @@ class WandbRun:
         self.run.finish()
 
 
+def keep_wandb_out(mode: str) -> None:
+    """With wandb.mode=disabled, make ``import wandb`` fail for the rest of the process.
+
+    timm imports wandb on its own whenever it is installed (``timm.utils.summary``, in a try/except ImportError);
+    a None entry in sys.modules turns that import into the ImportError timm already handles, so a disabled run never
+    loads wandb. Entrypoints call this right after reading the config, before timm is first imported.
+    """
+    if mode == "disabled":
+        sys.modules.setdefault("wandb", None)
+
+
 def start_wandb(cfg, *, job_type: str, config: Dict[str, Any], run_dir: Path, run_id: Optional[str] = None,
                 enabled: bool = True, **extra_config) -> Optional[WandbRun]:
     """A :class:`WandbRun` unless ``wandb.mode=disabled`` or this is not rank 0 (then None, wandb not imported)."""

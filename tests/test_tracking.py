@@ -61,3 +61,24 @@ def test_evaluation_job_type(tmp_path):
     assert summary["summary"]["test/top1"] == results["test/top1"]
     record = leet(tmp_path / "knn")["run"]
     assert record["job_type"] == "knn" and record["run_group"] == "evals"
+
+
+def test_disabled_never_loads_wandb(tmp_path):
+    """A LARS pretraining run (timm imported) and a kNN evaluation with wandb.mode=disabled, in a fresh interpreter:
+    wandb never enters sys.modules (timm would import it on its own otherwise), so nothing can touch the network."""
+    code = f"""
+import sys
+import finetune, pretrain
+assert "wandb" not in sys.modules
+pretrain.main({tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0", "optim.name=lars")!r})
+finetune.main(["data.name=synthetic", "device=cpu", "data.val_size=500", "eval.mode=knn", "eval.knn_k=20",
+               "checkpoint={tmp_path / 'tiny'}", "run.dir={tmp_path}", "run.name=knn", "wandb.mode=disabled"])
+assert "timm" in sys.modules
+loaded = sys.modules.get("wandb")
+print("wandb loaded:", loaded is not None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "wandb loaded: False"
+    assert not (tmp_path / "tiny" / "wandb").exists()
