@@ -82,6 +82,8 @@ def main(argv: Sequence[str]) -> dict:
     wandb_run = start_wandb(cfg.wandb, job_type=cfg.eval.mode, config=to_dict(cfg), run_dir=run_dir,
                             enabled=dist.is_main(), **run_facts(device))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
+    if wandb_run is not None and source is not None:
+        wandb_run.use_encoder(source.path, source.run_name)
     outcome = evaluate(cfg, encoder, splits, dtype, metrics)
 
     # ---------------------------------------------------------------- results

@@ -152,6 +152,7 @@ def main(argv: Sequence[str]) -> dict:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
         if wandb_run is not None:
+            wandb_run.log_encoder(run_dir / "encoder.pt", run_dir.name, {"git_sha": git_sha(), **summary})
             wandb_run.summarize(summary)
             wandb_run.finish()
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)

@@ -113,8 +113,34 @@ class WandbRun:
             if key != "knn/top1":
                 self.run.summary[key] = value
 
+    def log_encoder(self, path: Path, name: str, metadata: Dict[str, Any]) -> None:
+        """encoder.pt as a ``model`` artifact, aliases latest and best (the final encoder is the one kept)."""
+        import wandb
+
+        artifact = wandb.Artifact(_artifact_name(name), type="model", metadata=metadata)
+        artifact.add_file(str(path), name="encoder.pt")
+        self.run.log_artifact(artifact, aliases=["latest", "best"])
+
+    def use_encoder(self, path: Path, name: str) -> None:
+        """Declare the evaluated checkpoint as this run's input (by file reference), so the lineage
+        pretraining -> evaluation shows in W&B. wandb cannot use artifacts offline; then the input is recorded in
+        the config only (``input/encoder``; results.json also holds the path and its sha256)."""
+        self.run.config.update({"input/encoder": str(Path(path).resolve())}, allow_val_change=True)
+        if self.mode != "online":
+            return
+        import wandb
+
+        artifact = wandb.Artifact(_artifact_name(name), type="model")
+        artifact.add_reference(Path(path).resolve().as_uri(), name=Path(path).name)
+        self.run.use_artifact(artifact)
+
     def finish(self) -> None:
         self.run.finish()
+
+
+def _artifact_name(run_name: str) -> str:
+    """W&B artifact names allow letters, digits, '-', '_' and '.'."""
+    return "encoder-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in run_name)
 
 
 def keep_wandb_out(mode: str) -> None:

@@ -18,6 +18,15 @@ def leet(run_dir: Path, *args: str):
     return next(json.loads(line) for line in out.stdout.splitlines() if '"type":"run"' in line.replace(" ", ""))
 
 
+def leet_records(run_dir: Path) -> list:
+    """Every record of the run's .wandb log, as `wandb leet inspect --json` prints them."""
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir / "wandb" / "latest-run")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
 def offline_args(tmp_path, *extra):
     args = tiny_run_args(tmp_path, *extra)
     return [a for a in args if not a.startswith("wandb.mode=")] + [
@@ -43,6 +52,10 @@ def test_pretraining_run_reads_back_and_resume_keeps_the_run_id(tmp_path):
     import torch
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["wandb_run_id"] == run_id
 
+    artifacts = [r["artifact"] for r in leet_records(run_dir) if r.get("type") == "artifact"]
+    assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
+    assert set(artifacts[0]["aliases"]) == {"latest", "best"}  # the log does not keep their order
+
     second = run_entry("pretrain.py", *offline_args(tmp_path, "train.epochs=2"))  # resumes from the checkpoint
     assert second.returncode == 0, second.stderr
     assert "resume: from epoch 1" in second.stdout
@@ -61,6 +74,7 @@ def test_evaluation_job_type(tmp_path):
     assert summary["summary"]["test/top1"] == results["test/top1"]
     record = leet(tmp_path / "knn")["run"]
     assert record["job_type"] == "knn" and record["run_group"] == "evals"
+    assert summary["config"]["input/encoder"] == str((tmp_path / "tiny" / "encoder.pt").resolve())
 
 
 def test_disabled_never_loads_wandb(tmp_path):
