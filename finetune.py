@@ -37,9 +37,8 @@ def main(argv: Sequence[str]) -> dict:
     dtype = resolve_precision(cfg.train.precision, device)
     if dtype == torch.float64:
         raise UserError("train.precision=fp64 is for pretraining exactness checks; use fp32, bf16 or auto here")
-    if cfg.eval.mode == "finetune" and cfg.train.batch_size % dist.world_size():
-        raise UserError(f"train.batch_size={cfg.train.batch_size} (global) does not divide by the world size "
-                        f"{dist.world_size()}")
+    if cfg.eval.mode == "finetune":
+        dist.check_global_batch(cfg.train.batch_size)
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))

@@ -53,6 +53,12 @@ def _attempt_store() -> Optional[dist.Store]:
     return dist.PrefixStore(f"simclr/attempt_{attempt}", agent_store)
 
 
+def check_global_batch(batch_size: int) -> None:
+    """train.batch_size is the global batch: every rank takes an equal share of it."""
+    if batch_size % world_size():
+        raise UserError(f"train.batch_size={batch_size} (global) does not divide by the world size {world_size()}")
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_initialized():

@@ -95,21 +95,21 @@ def linear_evaluation(encoder: nn.Module, splits: LabeledSplits, cfg: ProbeConfi
     fit = partial(train_probes, num_classes=splits.num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size,
                   lr=cfg.lr, seed=seed)
 
-    def fit_on(images, feats, labels, weight_decays):
+    def fit_on(image_parts, feats, labels, weight_decays):
         mean, std = feature_stats(feats)  # of clean features, also for augmented views
-        if augment:
-            source = _augmented_features(encoder, images, splits, dtype, seed, mean, std)
+        if augment:  # images are only needed (and concatenated) for on-the-fly views
+            source = _augmented_features(encoder, torch.cat(image_parts), splits, dtype, seed, mean, std)
         else:
             standardized = (feats - mean) / std  # once, not per step
             source = lambda idx, _: standardized[idx]  # noqa: E731
         return fit(source, labels, mean=mean, std=std, weight_decays=weight_decays)
 
     tick = time.perf_counter()
-    chosen = select_on_val(fit_on(splits.train_images, train_f, splits.train_labels, cfg.wd_grid), val_f,
+    chosen = select_on_val(fit_on([splits.train_images], train_f, splits.train_labels, cfg.wd_grid), val_f,
                            splits.val_labels)
     final, trained_on = chosen.probe, len(splits.train_labels)
     if cfg.refit_on_val and refit_allowed and len(splits.val_labels):
-        final = fit_on(torch.cat([splits.train_images, splits.val_images]), torch.cat([train_f, val_f]),
+        final = fit_on([splits.train_images, splits.val_images], torch.cat([train_f, val_f]),
                        torch.cat([splits.train_labels, splits.val_labels]), [chosen.weight_decay])
         trained_on += len(splits.val_labels)
     seconds = time.perf_counter() - tick

@@ -35,10 +35,9 @@ def extract_features_sharded(encoder: nn.Module, images: torch.Tensor, **kw) -> 
         return extract_features(encoder, images, **kw)
     n = images.shape[0]
     per_rank = -(-n // world)
-    own = images[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
-    padded = torch.cat([own, own[:1].expand(per_rank - own.shape[0], *own.shape[1:])]) if len(own) else \
-        images[:1].expand(per_rank, *images.shape[1:])  # all_gather needs equal shapes; padding rows are dropped
-    return dist.all_gather_cat(extract_features(encoder, padded.contiguous(), **kw))[:n]
+    # all_gather needs equal shapes: the last rank's share is padded by repeating the final image, dropped after.
+    own = torch.arange(dist.rank() * per_rank, (dist.rank() + 1) * per_rank, device=images.device).clamp_(max=n - 1)
+    return dist.all_gather_cat(extract_features(encoder, images[own], **kw))[:n]
 
 
 @torch.no_grad()

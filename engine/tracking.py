@@ -14,6 +14,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import torch
+
+from engine import dist
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary file and a rename: readers never see half of it."""
@@ -165,10 +169,6 @@ def start_wandb(cfg, *, job_type: str, config: Dict[str, Any], run_dir: Path, ru
 
 def run_facts(device) -> Dict[str, Any]:
     """What W&B's config gets beside the resolved config: commit, world size, device, torch version."""
-    import torch
-
-    from engine import dist
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"git_sha": git_sha(), "world_size": dist.world_size(), "device_name": name,
             "torch_version": torch.__version__}

@@ -14,10 +14,16 @@ import torch
 from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
 
 
+TORCHRUN_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def torchrun_command(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+
+
 def torchrun(*args, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_command(*args, nproc=nproc), cwd=REPO, env={**os.environ, **TORCHRUN_ENV},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_gather_and_ddp_equal_one_process(tmp_path):
@@ -96,10 +102,9 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path):
     args = ["train.epochs=5", "eval.knn_every=0", "train.log_every=3"]
     reference = torchrun(str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "whole", *args))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
-           "1", str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "killed", *args)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    agent = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    cmd = torchrun_command("--max-restarts", "1", str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "killed", *args))
+    agent = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **TORCHRUN_ENV}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
                              start_new_session=True)  # its own process group: nothing outlives a failed test
     checkpoint = tmp_path / "killed" / "tiny" / "checkpoints" / "last.pt"
     try:

@@ -7,24 +7,26 @@ from pathlib import Path
 from tests.conftest import run_entry, tiny_run_args
 
 
-def leet(run_dir: Path, *args: str):
-    """`wandb leet inspect` on the run's latest W&B run: the --summary object, or the run record."""
+def leet(run_dir: Path, *args: str) -> str:
+    """stdout of `wandb leet inspect ARGS --json` on the run's latest W&B run."""
     wandb_cli = Path(sys.executable).with_name("wandb")
     out = subprocess.run([str(wandb_cli), "leet", "inspect", *args, "--json", str(run_dir / "wandb" / "latest-run")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    if "--summary" in args:
-        return json.loads(out.stdout)
-    return next(json.loads(line) for line in out.stdout.splitlines() if '"type":"run"' in line.replace(" ", ""))
+    return out.stdout
+
+
+def leet_summary(run_dir: Path) -> dict:
+    return json.loads(leet(run_dir, "--summary"))
 
 
 def leet_records(run_dir: Path) -> list:
-    """Every record of the run's .wandb log, as `wandb leet inspect --json` prints them."""
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir / "wandb" / "latest-run")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    """Every record of the run's .wandb log."""
+    return [json.loads(line) for line in leet(run_dir).splitlines() if line.strip()]
+
+
+def leet_run_record(run_dir: Path) -> dict:
+    return next(r for r in leet_records(run_dir) if r.get("type") == "run")
 
 
 def offline_args(tmp_path, *extra):
@@ -37,7 +39,7 @@ def test_pretraining_run_reads_back_and_resume_keeps_the_run_id(tmp_path):
     first = run_entry("pretrain.py", *offline_args(tmp_path, "train.epochs=1"))
     assert first.returncode == 0, first.stderr
     run_dir = tmp_path / "tiny"
-    summary = leet(run_dir, "--summary")
+    summary = leet_summary(run_dir)
     assert summary["state"] == "finished" and summary["tags"] == ["smoke", "cpu"]
     assert summary["project"] == "simclr-tests"
     assert summary["config"]["model"]["width"] == 4 and summary["config"]["world_size"] == 1
@@ -46,7 +48,7 @@ def test_pretraining_run_reads_back_and_resume_keeps_the_run_id(tmp_path):
     assert summary["summary"]["knn/best_top1"] == local["knn/best_top1"]
     assert summary["summary"]["knn/top1"]["last"] == local["knn/top1"]  # knn/top1 keeps last and max
     assert summary["summary"]["knn/top1"]["max"] == local["knn/best_top1"]
-    record = leet(run_dir)["run"]
+    record = leet_run_record(run_dir)["run"]
     assert record["run_group"] == "sweep-b100" and record["job_type"] == "pretrain"
     run_id = summary["run_id"]
     import torch
@@ -59,7 +61,7 @@ def test_pretraining_run_reads_back_and_resume_keeps_the_run_id(tmp_path):
     second = run_entry("pretrain.py", *offline_args(tmp_path, "train.epochs=2"))  # resumes from the checkpoint
     assert second.returncode == 0, second.stderr
     assert "resume: from epoch 1" in second.stdout
-    assert leet(run_dir, "--summary")["run_id"] == run_id
+    assert leet_summary(run_dir)["run_id"] == run_id
 
 
 def test_evaluation_job_type(tmp_path):
@@ -69,10 +71,10 @@ def test_evaluation_job_type(tmp_path):
                        "eval.knn_k=20", f"checkpoint={tmp_path / 'tiny'}", f"run.dir={tmp_path}", "run.name=knn",
                        "wandb.mode=offline", "wandb.group=evals")
     assert result.returncode == 0, result.stderr
-    summary = leet(tmp_path / "knn", "--summary")
+    summary = leet_summary(tmp_path / "knn")
     results = json.loads((tmp_path / "knn" / "results.json").read_text())
     assert summary["summary"]["test/top1"] == results["test/top1"]
-    record = leet(tmp_path / "knn")["run"]
+    record = leet_run_record(tmp_path / "knn")["run"]
     assert record["job_type"] == "knn" and record["run_group"] == "evals"
     assert summary["config"]["input/encoder"] == str((tmp_path / "tiny" / "encoder.pt").resolve())
 
