@@ -27,7 +27,7 @@ from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
 from engine.cli import UserError, run_cli
 from engine.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
-from engine.knn import extract_features, knn_top1
+from engine.knn import extract_features_sharded, knn_top1
 from engine.optim import create_optimizer, effective_lr, lr_at
 from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
                              write_results)
@@ -42,9 +42,7 @@ def main(argv: Sequence[str]) -> dict:
     keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
-    if cfg.train.batch_size % dist.world_size():
-        raise UserError(f"train.batch_size={cfg.train.batch_size} (global) does not divide by the world size "
-                        f"{dist.world_size()}")
+    dist.check_global_batch(cfg.train.batch_size)
     if cfg.eval.knn_every and not cfg.data.val_size:
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     if cfg.eval.linear_at_end:
@@ -72,6 +70,8 @@ def main(argv: Sequence[str]) -> dict:
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device).to(device, dtype=torch.float64 if dtype == torch.float64 else None)
+    if device.type == "cuda":  # NHWC: the layout cuDNN's fastest convolutions (and bf16 tensor cores) want
+        model = model.to(memory_format=torch.channels_last)
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
                             solarize_prob=cfg.aug.solarize_prob)
@@ -85,7 +85,9 @@ def main(argv: Sequence[str]) -> dict:
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
               "ResNet-18 on 2 cores); it is meant for CUDA", file=sys.stderr, flush=True)
     step_fn = dist.wrap_ddp(model, device)  # the unwrapped `model` is what checkpoints hold
-    step_fn = torch.compile(step_fn) if cfg.train.compile else step_fn
+    if cfg.train.compile:
+        step_fn = torch.compile(step_fn)
+        augment.compile()
     start_epoch, step, best_knn = 0, 0, None
     if resume is not None:
         start_epoch, step, best_knn = restore(resume, model, optimizer)
@@ -103,8 +105,9 @@ def main(argv: Sequence[str]) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     metrics.truncate_after(step if resume is not None else -1)
     knn = partial(knn_eval, model.encoder, train_images, train_labels, val_images, val_labels, cfg, augment, dtype)
+    started = time.perf_counter()  # time/elapsed_s: wall clock since training began in this process
     if cfg.eval.knn_every and step == 0:
-        best_knn = report(metrics, step, 0, {"knn/top1": knn()})
+        best_knn = report(metrics, step, 0, {"knn/top1": knn(), "time/elapsed_s": 0.0})
 
     # ---------------------------------------------------------------- train
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -126,7 +129,7 @@ def main(argv: Sequence[str]) -> dict:
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
                     "train/loss": loss, "train/lr": lr, "train/base_lr": cfg.optim.base_lr,
-                    "train/views_per_s": views_per_s, **stats})
+                    "train/views_per_s": views_per_s, "time/elapsed_s": time.perf_counter() - started, **stats})
                 if isinstance(batches, tqdm):
                     batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
                 elif dist.is_main():
@@ -135,7 +138,7 @@ def main(argv: Sequence[str]) -> dict:
                 steps_since, tick = 0, time.perf_counter()
         done = epoch + 1
         if cfg.eval.knn_every and (done % cfg.eval.knn_every == 0 or done == cfg.train.epochs):
-            top1 = report(metrics, step, done, {"knn/top1": knn()})
+            top1 = report(metrics, step, done, {"knn/top1": knn(), "time/elapsed_s": time.perf_counter() - started})
             best_knn = top1 if best_knn is None else max(best_knn, top1)
         if done % cfg.run.ckpt_every == 0 or done == cfg.train.epochs:
             save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn, wandb_run)
@@ -192,8 +195,9 @@ def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch
 
 def knn_eval(encoder, bank_images, bank_labels, val_images, val_labels, cfg, augment, dtype) -> float:
     """kNN top-1 (%) on the validation split with the training images as the memory bank."""
-    kw = dict(mean=augment.mean, std=augment.std, dtype=dtype)
-    bank, queries = extract_features(encoder, bank_images, **kw), extract_features(encoder, val_images, **kw)
+    # Under torchrun each rank extracts its share of the images; the features are gathered back in order.
+    features = partial(extract_features_sharded, encoder, mean=augment.mean, std=augment.std, dtype=dtype)
+    bank, queries = features(bank_images), features(val_images)
     num_classes = int(bank_labels.max()) + 1
     return knn_top1(bank, bank_labels, queries, val_labels, num_classes=num_classes, k=cfg.eval.knn_k,
                     temperature=cfg.eval.knn_temperature)

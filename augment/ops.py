@@ -1,7 +1,7 @@
 """Per-sample image ops on float batches [B, C, H, W] in [0, 1], with per-sample parameters as tensors.
 
 Each op equals the matching ``torchvision.transforms.v2.functional`` kernel on float images given the same
-parameters (tests/test_augment_ops.py checks this). Parameters are samplable on any device from a
+parameters (tests/test_augment.py checks this). Parameters are samplable on any device from a
 ``torch.Generator``, with the distributions of torchvision's ``RandomResizedCrop`` and ``ColorJitter``; nothing
 here loops over samples in Python or reads a value back to the host.
 """
@@ -18,6 +18,16 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision
 
 def _uniform(n: int, low: float, high: float, g: Optional[torch.Generator], device) -> Tensor:
     return torch.rand(n, generator=g, device=device) * (high - low) + low
+
+
+def device_vector(values: Sequence[float], device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A small constant vector made on ``device`` by scalar fills. ``torch.tensor(values, device="cuda")`` (and
+    ``out[i] = value``) copies from pageable host memory, which makes PyTorch wait for the GPU stream: a host sync
+    in every training step. ``fill_`` passes the value as a kernel argument instead."""
+    out = torch.empty(len(values), device=device, dtype=dtype)
+    for i, value in enumerate(values):
+        out[i].fill_(value)
+    return out
 
 
 def sample_crop_boxes(n: int, height: int, width: int, scale: Tuple[float, float] = (0.08, 1.0),
@@ -39,7 +49,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Tuple[float, float
     u = torch.rand(n, 2, generator=generator, device=device)
     top = torch.floor(u[:, 0] * (height - h + 1))  # uniform integer in [0, height - h], like randint
     left = torch.floor(u[:, 1] * (width - w + 1))
-    fallback = torch.tensor(_centre_crop(height, width, ratio), dtype=torch.float32, device=device)
+    fallback = device_vector(_centre_crop(height, width, ratio), device)
     boxes = torch.stack([top, left, h, w], dim=1)
     return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
 
@@ -115,7 +125,7 @@ def grayscale(images: Tensor) -> Tensor:
     A [1, 3] x [3, H*W] matmul per image: on CPUs several times faster than three strided plane multiplies.
     """
     n, _, h, w = images.shape
-    weights = torch.tensor(GRAY_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 1, 3)
+    weights = device_vector(GRAY_WEIGHTS, images.device, images.dtype).view(1, 1, 3)
     return (weights @ images.reshape(n, 3, h * w)).view(n, 1, h, w)
 
 
@@ -196,7 +206,6 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(images - mean) / std per channel, as one fused multiply-add. images: float [n, C, H, W]."""
-    m = torch.tensor(mean, device=images.device, dtype=torch.float64)
-    s = torch.tensor(std, device=images.device, dtype=torch.float64)
-    scale, shift = (1 / s).to(images.dtype).view(1, -1, 1, 1), (-m / s).to(images.dtype).view(1, -1, 1, 1)
+    scale = device_vector([1 / s for s in std], images.device, images.dtype).view(1, -1, 1, 1)  # in double, then
+    shift = device_vector([-m / s for m, s in zip(mean, std)], images.device, images.dtype).view(1, -1, 1, 1)  # cast
     return torch.addcmul(shift, images, scale)

@@ -40,15 +40,18 @@ class ViewParams:
 
     def take(self, index: Tensor) -> "ViewParams":
         """The parameters of views ``index`` (int64 [m])."""
-        return _take(self, index)
+        return _map_tensors(self, lambda value: value[index])
+
+    def to(self, device: torch.device | str) -> "ViewParams":
+        return _map_tensors(self, lambda value: value.to(device))
 
 
-def _take(params, index: Tensor):
+def _map_tensors(params, fn):
     values = {}
     for f in fields(params):
         value = getattr(params, f.name)
-        values[f.name] = value[index] if isinstance(value, Tensor) else (
-            _take(value, index) if is_dataclass(value) else value)
+        values[f.name] = fn(value) if isinstance(value, Tensor) else (
+            _map_tensors(value, fn) if is_dataclass(value) else value)
     return type(params)(**values)
 
 
@@ -87,6 +90,12 @@ class SimCLRAugment:
             own = torch.arange(b, device=x.device) + rank * b
             params = params.take(torch.cat([own, own + b * world]))
         return self.apply(x, params).chunk(2)
+
+    def compile(self) -> "SimCLRAugment":
+        """Fuse :meth:`apply` with torch.compile (meant for CUDA): its ~80 small elementwise kernels per batch
+        become a few. Sampling stays eager: it reads generators, which compiled graphs do not take."""
+        self.apply = torch.compile(self.apply, dynamic=False)
+        return self
 
     def augment(self, x: Tensor, g: Optional[torch.Generator] = None) -> Tensor:
         """One random view of each float image in [0, 1], [n, 3, H, W] -> normalized [n, 3, H, W]."""

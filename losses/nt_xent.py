@@ -52,9 +52,10 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *,
     offset = 2 * n * dist.rank() if gather else 0
     logits = anchors @ candidates.T / temperature  # [2n, 2nW]
     rows = torch.arange(2 * n, device=logits.device)
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[rows, rows + offset] = True  # an anchor is not its own negative
-    logits = logits.masked_fill(self_mask, float("-inf"))
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    # An anchor is not its own negative. A comparison, not `mask[rows, cols] = True`: assigning a Python scalar
+    # through advanced indexing copies it from the host, a GPU sync.
+    logits = logits.masked_fill(columns[None, :] == (rows + offset)[:, None], float("-inf"))
     positives = offset + (rows + n) % (2 * n)  # the other view of the same image, in this rank's block
     return F.cross_entropy(logits, positives)
 
@@ -118,6 +119,6 @@ def _logit_blocks(anchors: torch.Tensor, candidates: torch.Tensor, offset: int, 
         rows = slice(start, min(start + block, m))
         logits = anchors[rows] @ candidates.T
         logits.div_(temperature)
-        local = torch.arange(logits.shape[0], device=logits.device)
-        logits[local, local + start + offset] = float("-inf")
+        own = start + offset  # each anchor's own column: the diagonal of this block's square at column `own`
+        logits[:, own:own + logits.shape[0]].diagonal().fill_(float("-inf"))
         yield rows, logits

@@ -188,3 +188,20 @@ def test_sharded_views_equal_the_whole_batch():
                   for r in range(world)]
         for view in (0, 1):
             assert torch.equal(torch.cat([s[view] for s in shards]), whole[view])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_augmentation_equals_eager_on_the_gpu():
+    """SimCLRAugment.compile() (used with train.compile) fuses the ops; the views must not change beyond rounding,
+    and CUDA views must match the CPU ones."""
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    augment = SimCLRAugment(blur_prob=0.5, solarize_prob=0.2)
+    params = augment.sample(256, 32, 32, torch.Generator().manual_seed(0))
+    x = images.float() / 255
+    on_cpu = augment.apply(x, params)
+    eager = augment.apply(x.cuda(), params.to("cuda"))
+    compiled = SimCLRAugment(blur_prob=0.5, solarize_prob=0.2).compile().apply(x.cuda(), params.to("cuda"))
+    assert (eager.cpu() - on_cpu).abs().max() < 1e-4
+    assert (compiled - eager).abs().max() < 1e-4
+

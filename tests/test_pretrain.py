@@ -135,3 +135,39 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert_user_error(diverged, "loss became")
     assert "last good checkpoint" in diverged.stderr
     assert ckpt.read_bytes() == good
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_step_never_waits_for_the_gpu():
+    """No host sync inside pretrain.train_step (augmentation, forward, backward, LARS): CUDA's sync debug mode
+    raises on any synchronizing call (.item(), a pageable host-to-device copy, nonzero, ...)."""
+    from augment import SimCLRAugment
+    from configs.load import load_config
+    from engine.optim import create_optimizer
+    from pretrain import build_model, train_step
+
+    device = torch.device("cuda")
+    model = build_model(load_config(["model.width=16"]), device).to(device).to(memory_format=torch.channels_last)
+    optimizer = create_optimizer("lars", model, lr=0.1, weight_decay=1e-6)
+    augment, g = SimCLRAugment(), torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
+    train_step(model, optimizer, augment, images, g, 0.1, device, torch.bfloat16)  # first step: lazy set-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            out = train_step(model, optimizer, augment, images, g, 0.1, device, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out["loss"]).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_training_run_on_the_gpu(tmp_path):
+    """train.compile=true with bf16: the compiled model and augmentation train and evaluate end to end."""
+    out = run_entry("pretrain.py", *tiny_run_args(tmp_path), "device=cuda", "train.compile=true")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert 0 <= summary["knn/top1"] <= 100

@@ -1,0 +1,238 @@
+"""Throughput of the whole SimCLR pretraining step, of its stages, and of the common DataLoader pipeline, in one run.
+
+    python bench/step.py                               # CUDA: resnet18/resnet50/vit_tiny x batch 256/512/1024
+                                                       #   x fp32/bf16 x compile off/on, baseline at each setting
+    python bench/step.py --archs resnet18 --batches 512 --precisions bf16 --compile on
+    python bench/step.py --device cpu --quick          # small CPU run: narrow ResNet-18, batch 32, a few steps
+
+"Ours" is ``pretrain.train_step`` itself (uint8 images resident on the device -> batched augmentation -> encoder +
+head + NT-Xent -> backward -> optimizer), with the model, optimizer and compilation built as pretrain.py builds
+them. Stages are timed on their own: augmentation, forward + backward, the loss alone (forward + backward on the
+embeddings), the optimizer step. The baseline is the common public pipeline: torchvision per-image PIL transforms
+(two views) in DataLoader workers, pinned host batches copied to the device, then the same model, step and optimizer.
+Device time comes from CUDA events after warm-up and compilation (wall clock on CPU).
+
+Prints JSON lines {"what", "shape", "device", "figure", "unit", ...settings}; "step/speedup_vs_dataloader" is
+ours over the baseline, both measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from augment import SimCLRAugment  # noqa: E402
+from bench.augment import pil_pipeline  # noqa: E402
+from configs.load import load_config  # noqa: E402
+from configs.schema import PretrainConfig  # noqa: E402
+from engine.device import autocast  # noqa: E402
+from engine.optim import create_optimizer  # noqa: E402
+from losses import nt_xent  # noqa: E402
+from pretrain import build_model, train_step  # noqa: E402
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Timer:
+    """Seconds of device work between start() and stop(): CUDA events on a GPU, the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return time.perf_counter() - self.begin
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
+    """Mean seconds of ``fn`` over ``steps`` back-to-back calls, after ``warmup`` calls (compilation included)."""
+    for _ in range(warmup):
+        fn()
+    timer = Timer(device)
+    timer.start()
+    for _ in range(steps):
+        fn()
+    return timer.stop() / steps
+
+
+class Setup:
+    """Model, optimizer and augmentation for one (arch, batch, precision, compile) setting, built as pretrain.py
+    builds them; ``images`` are uint8 [N, 3, 32, 32] resident on the device."""
+
+    def __init__(self, args: argparse.Namespace, arch: str, batch: int, precision: str, compile_: bool,
+                 images: torch.Tensor) -> None:
+        overrides = [f"model.arch={arch}", f"train.batch_size={batch}", f"train.precision={precision}"]
+        if args.width and arch.startswith("resnet"):
+            overrides.append(f"model.width={args.width}")
+        self.cfg = load_config(overrides, PretrainConfig)
+        self.device, self.dtype, self.batch, self.images = images.device, PRECISIONS[precision], batch, images
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg, self.device).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = create_optimizer(self.cfg.optim.name, self.model, lr=0.1,
+                                          weight_decay=self.cfg.optim.weight_decay, momentum=self.cfg.optim.momentum)
+        self.augment = SimCLRAugment()
+        self.step_fn = self.model
+        if compile_:
+            self.step_fn = torch.compile(self.model)
+            self.augment.compile()
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+
+    def batch_indices(self) -> torch.Tensor:
+        return torch.randint(0, len(self.images), (self.batch,), device=self.device, generator=self.generator)
+
+    def step(self) -> None:
+        """pretrain.py's training step on a random batch."""
+        train_step(self.step_fn, self.optimizer, self.augment, self.images[self.batch_indices()], self.generator,
+                   0.1, self.device, self.dtype)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.augment(self.images[self.batch_indices()], self.generator)
+
+    def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
+        with autocast(self.device, self.dtype):
+            loss = self.step_fn(view1, view2)["loss"]
+        loss.backward()
+
+    def stage_seconds(self, warmup: int, steps: int) -> dict[str, float]:
+        """Seconds per step of each stage, timed on its own."""
+        view1, view2 = self.views()
+        z1, z2 = (torch.randn(self.batch, self.cfg.model.proj_dim, device=self.device, requires_grad=True)
+                  for _ in range(2))
+        loss_fn = torch.compile(nt_xent) if self.step_fn is not self.model else nt_xent
+
+        def loss_step():
+            loss_fn(z1, z2, self.cfg.loss.temperature).backward()
+
+        self.forward_backward(view1, view2)  # gradients exist, so the optimizer stage does real work
+        return {"augment": seconds_per_call(self.views, self.device, warmup, steps),
+                "forward_backward": seconds_per_call(lambda: self.forward_backward(view1, view2), self.device,
+                                                     warmup, steps),
+                "loss": seconds_per_call(loss_step, self.device, warmup, steps),
+                "optimizer": seconds_per_call(self.optimizer.step, self.device, warmup, steps)}
+
+
+class TwoViewsPerImage(torch.utils.data.Dataset):
+    """The baseline's dataset: HWC uint8 images (as torchvision's CIFAR10 holds them), two PIL-pipeline views."""
+
+    def __init__(self, images_hwc: np.ndarray) -> None:
+        self.images, self.transform = images_hwc, pil_pipeline()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[i])
+        return self.transform(image), self.transform(image)
+
+
+def baseline_seconds(setup: Setup, images_hwc: np.ndarray, workers: int, warmup: int, steps: int) -> float:
+    """Seconds per step of the same model, step and optimizer fed by a DataLoader with ``workers`` workers."""
+    cuda = setup.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(TwoViewsPerImage(images_hwc), batch_size=setup.batch, shuffle=True,
+                                         drop_last=True, num_workers=workers, pin_memory=cuda,
+                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    batches: Iterator = iter(loader)
+
+    def step() -> None:
+        view1, view2 = (v.to(setup.device, non_blocking=True) for v in next(batches))
+        setup.optimizer.zero_grad(set_to_none=True)
+        setup.forward_backward(view1, view2)
+        setup.optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()  # wall clock: the loader's host work is the point of the comparison
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def emit(what: str, figure: float, unit: str, shape: list, device: str, **settings) -> None:
+    print(json.dumps({"what": what, "shape": shape, "device": device, "figure": round(figure, 3), "unit": unit,
+                      **settings}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "resnet50", "vit_tiny"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[256, 512, 1024])
+    parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"])
+    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--width", type=int, default=None, help="ResNet base width (default: the architecture's)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                        help="baseline DataLoader workers (default: the CPU count, at most 16)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the DataLoader baseline")
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
+    parser.add_argument("--quick", action="store_true",
+                        help="small run: resnet18 width 8, batch 32, fp32, eager, 2 + 5 steps, 2 workers")
+    args = parser.parse_args()
+    if args.quick:
+        args.archs, args.batches, args.precisions, args.compile = ["resnet18"], [32], ["fp32"], ["off"]
+        args.width, args.warmup, args.steps, args.workers = args.width or 8, 2, 5, min(args.workers, 2)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = f"cpu x{torch.get_num_threads()} threads"
+    # Random pixels cost the augmentations what photos cost; enough images that the baseline never re-reads one.
+    count = (args.warmup + args.steps + 2) * max(args.batches)
+    images_hwc = np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    images = torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous().to(device)
+    for arch in args.archs:
+        for batch in args.batches:
+            for precision in args.precisions:
+                for compile_ in args.compile:
+                    shape = [batch, 3, 32, 32]
+                    settings = {"arch": arch, "batch": batch, "precision": precision, "compile": compile_,
+                                "width": args.width if arch.startswith("resnet") else None}
+                    setup = Setup(args, arch, batch, precision, compile_ == "on", images)
+                    ours = seconds_per_call(setup.step, device, args.warmup, args.steps)
+                    emit("step/ours", 2 * batch / ours, "views/s", shape, device_name, ms=1000 * ours, **settings)
+                    if not args.no_stages:
+                        for stage, seconds in setup.stage_seconds(args.warmup, args.steps).items():
+                            emit(f"stage/{stage}", 2 * batch / seconds, "views/s", shape, device_name,
+                                 ms=1000 * seconds, **settings)
+                    if not args.no_baseline:
+                        base = baseline_seconds(setup, images_hwc, args.workers, args.warmup, args.steps)
+                        emit("step/dataloader_baseline", 2 * batch / base, "views/s", shape, device_name,
+                             ms=1000 * base, workers=args.workers, **settings)
+                        emit("step/speedup_vs_dataloader", base / ours, "x", shape, device_name, **settings)
+                    del setup
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
