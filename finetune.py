@@ -94,6 +94,7 @@ def main(argv: Sequence[str]) -> dict:
     if dist.is_main():
         path = write_results(run_dir, record, splits.classes)
         if wandb_run is not None:
+            wandb_run.log_evaluation(record, splits.classes)
             wandb_run.summarize({k: v for k, v in record.items() if k != "config"})
             wandb_run.finish()
         val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"

@@ -27,7 +27,8 @@ from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
 from engine.cli import UserError, run_cli
 from engine.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
-from engine.knn import extract_features_sharded, knn_top1
+from engine.knn import extract_features, extract_features_sharded, knn_top1
+from engine.plots import view_pair_grid
 from engine.optim import create_optimizer, effective_lr, lr_at
 from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
                              write_results)
@@ -105,6 +106,11 @@ def main(argv: Sequence[str]) -> dict:
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     metrics.truncate_after(step if resume is not None else -1)
     knn = partial(knn_eval, model.encoder, train_images, train_labels, val_images, val_labels, cfg, augment, dtype)
+    if wandb_run is not None and step == 0:  # what the encoder is shown: the first step's view pairs
+        first = train_images[sampler.permutation(0)[:16].to(device)]
+        view1, view2 = augment(first, seeded_generator(device, "augment", cfg.seed, 0))
+        wandb_run.log_image("media/view_pairs", view_pair_grid(view1, view2, augment.mean, augment.std),
+                            caption="16 training images, two augmented views each (left, right)")
     started = time.perf_counter()  # time/elapsed_s: wall clock since training began in this process
     if cfg.eval.knn_every and step == 0:
         best_knn = report(metrics, step, 0, {"knn/top1": knn(), "time/elapsed_s": 0.0})
@@ -155,6 +161,12 @@ def main(argv: Sequence[str]) -> dict:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
         if wandb_run is not None:
+            if len(val_labels):  # the final encoder's validation features, for W&B's embedding projector
+                shown = slice(0, EMBEDDING_IMAGES)
+                features = extract_features(model.encoder, val_images[shown], mean=augment.mean, std=augment.std,
+                                            dtype=dtype)
+                wandb_run.log_embeddings("val/embeddings", features, val_labels[shown], list(data.classes), step,
+                                         cfg.train.epochs)
             wandb_run.log_encoder(run_dir / "encoder.pt", run_dir.name, {"git_sha": git_sha(), **summary})
             wandb_run.summarize(summary)
             wandb_run.finish()
@@ -162,6 +174,9 @@ def main(argv: Sequence[str]) -> dict:
     dist.barrier()
     dist.shutdown()
     return summary
+
+
+EMBEDDING_IMAGES = 1000  # validation images in the W&B embedding table at the end of pretraining
 
 
 def build_model(cfg: PretrainConfig, device: torch.device) -> SimCLR:

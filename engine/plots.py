@@ -35,3 +35,20 @@ def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str
     fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def view_pair_grid(view1: "torch.Tensor", view2: "torch.Tensor", mean: Sequence[float], std: Sequence[float],
+                   pairs: int = 16, pairs_per_row: int = 4) -> "torch.Tensor":
+    """The first ``pairs`` augmented pairs, each pair side by side, as one uint8 image [H', W', 3] (HWC).
+
+    view1, view2: normalized float views [B, 3, H, W] (any device). Normalization is undone with ``mean``/``std``
+    and pixels are rounded to 0..255, so the grid shows what the encoder was given; 2-pixel white borders.
+    """
+    import torch
+    from torchvision.utils import make_grid
+
+    n = min(pairs, view1.shape[0])
+    m, s = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
+    interleaved = torch.stack([view1[:n].float().cpu(), view2[:n].float().cpu()], dim=1).flatten(0, 1)  # a1 b1 a2..
+    grid = make_grid((interleaved * s + m).clamp(0, 1), nrow=2 * pairs_per_row, padding=2, pad_value=1.0)
+    return grid.mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous()

@@ -117,6 +117,35 @@ class WandbRun:
             if key != "knn/top1":
                 self.run.summary[key] = value
 
+    def log_image(self, key: str, image: torch.Tensor, caption: str, step: int = 0, epoch: float = 0) -> None:
+        """A uint8 image [H, W, 3] (e.g. :func:`engine.plots.view_pair_grid`) under ``key``."""
+        import wandb
+
+        self.run.log({key: wandb.Image(image.cpu().numpy(), caption=caption), "step": step, "epoch": epoch})
+
+    def log_embeddings(self, key: str, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
+                       step: int, epoch: float) -> None:
+        """Features [N, d] with their labels [N] as a table (W&B's embedding projector reads the list column)."""
+        import wandb
+
+        rows = [[label, classes[label], feature] for label, feature in zip(labels.tolist(), features.tolist())]
+        self.run.log({key: wandb.Table(columns=["label", "class", "embedding"], data=rows), "step": step,
+                      "epoch": epoch})
+
+    def log_evaluation(self, record: Dict[str, Any], classes: Sequence[str]) -> None:
+        """Test confusion matrix (W&B's chart) and a per-class accuracy table, from a results.json record."""
+        import wandb
+
+        confusion = record["test/confusion"]
+        truth = [t for t, row in enumerate(confusion) for p, count in enumerate(row) for _ in range(count)]
+        predicted = [p for row in confusion for p, count in enumerate(row) for _ in range(count)]
+        per_class = wandb.Table(columns=["class", "test top-1 %", "test images"],
+                                data=[[name, record["test/per_class"][name], sum(confusion[i])]
+                                      for i, name in enumerate(classes)])
+        self.run.log({"test/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=predicted,
+                                                                           class_names=list(classes)),
+                      "test/per_class_accuracy": per_class})
+
     def log_encoder(self, path: Path, name: str, metadata: Dict[str, Any]) -> None:
         """encoder.pt as a ``model`` artifact, aliases latest and best (the final encoder is the one kept)."""
         import wandb

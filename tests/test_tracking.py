@@ -54,7 +54,20 @@ def test_pretraining_run_reads_back_and_resume_keeps_the_run_id(tmp_path):
     import torch
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["wandb_run_id"] == run_id
 
+    files = run_dir / "wandb" / "latest-run" / "files"
+    grid = summary["summary"]["media/view_pairs"]  # 16 pairs, 4 per row, 32 px images with 2 px borders
+    assert grid["_type"] == "image-file" and (grid["height"], grid["width"]) == (4 * 34 + 2, 8 * 34 + 2)
+    from PIL import Image
+    pixels = Image.open(files / grid["path"])
+    assert pixels.mode == "RGB" and pixels.size == (8 * 34 + 2, 4 * 34 + 2)
+    assert len(set(pixels.getdata())) > 100  # real views, not a blank frame
+    embeddings = summary["summary"]["val/embeddings"]  # the 200 validation images, ResNet-18 width 4: 32-d
+    table = json.loads((files / embeddings["path"]).read_text())
+    assert table["columns"] == ["label", "class", "embedding"] and len(table["data"]) == 200
+    assert all(len(row[2]) == 32 and 0 <= row[0] < 10 for row in table["data"])
+
     artifacts = [r["artifact"] for r in leet_records(run_dir) if r.get("type") == "artifact"]
+    artifacts = [a for a in artifacts if a["type"] != "run_table"]  # tables travel as artifacts of their own
     assert len(artifacts) == 1 and artifacts[0]["type"] == "model"
     assert set(artifacts[0]["aliases"]) == {"latest", "best"}  # the log does not keep their order
 
@@ -77,6 +90,14 @@ def test_evaluation_job_type(tmp_path):
     record = leet_run_record(tmp_path / "knn")["run"]
     assert record["job_type"] == "knn" and record["run_group"] == "evals"
     assert summary["config"]["input/encoder"] == str((tmp_path / "tiny" / "encoder.pt").resolve())
+    files = tmp_path / "knn" / "wandb" / "latest-run" / "files"
+    per_class = json.loads((files / summary["summary"]["test/per_class_accuracy"]["path"]).read_text())
+    assert per_class["columns"] == ["class", "test top-1 %", "test images"]
+    assert {row[0]: row[1] for row in per_class["data"]} == results["test/per_class"]
+    assert [row[2] for row in per_class["data"]] == [sum(row) for row in results["test/confusion"]]
+    chart = next(v for k, v in summary["summary"].items() if k.startswith("test/confusion_matrix"))
+    counts = json.loads((files / chart["path"]).read_text())  # W&B's chart table: (actual, predicted, count)
+    assert sum(row[-1] for row in counts["data"]) == sum(map(sum, results["test/confusion"]))
 
 
 def test_disabled_never_loads_wandb(tmp_path):
@@ -98,3 +119,21 @@ print("wandb loaded:", loaded is not None)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "wandb loaded: False"
     assert not (tmp_path / "tiny" / "wandb").exists()
+
+
+def test_view_pair_grid_shows_the_pixels_the_encoder_saw():
+    """Undoing the normalization gives back the uint8 pixels exactly; pairs sit side by side, borders white."""
+    import torch
+
+    from augment import CIFAR10_MEAN, CIFAR10_STD
+    from augment.ops import normalize
+    from engine.plots import view_pair_grid
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    a, b = (normalize(x.float() / 255, CIFAR10_MEAN, CIFAR10_STD) for x in (images, images.flip(-1)))
+    grid = view_pair_grid(a, b, CIFAR10_MEAN, CIFAR10_STD, pairs=4, pairs_per_row=2)
+    assert grid.dtype == torch.uint8 and grid.shape == (2 * 34 + 2, 4 * 34 + 2, 3)
+    tile = lambda row, col: grid[2 + 34 * row:34 * (row + 1), 2 + 34 * col:34 * (col + 1)].permute(2, 0, 1)  # noqa
+    assert torch.equal(tile(0, 0), images[0]) and torch.equal(tile(0, 1), images[0].flip(-1))
+    assert torch.equal(tile(1, 2), images[3]) and torch.equal(tile(1, 3), images[3].flip(-1))
+    assert (grid[:2] == 255).all() and (grid[:, :2] == 255).all()
