@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 
 def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: Path,
                        title: str = "") -> None:
@@ -37,14 +39,13 @@ def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str
     os.replace(tmp, path)
 
 
-def view_pair_grid(view1: "torch.Tensor", view2: "torch.Tensor", mean: Sequence[float], std: Sequence[float],
-                   pairs: int = 16, pairs_per_row: int = 4) -> "torch.Tensor":
+def view_pair_grid(view1: torch.Tensor, view2: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                   pairs: int = 16, pairs_per_row: int = 4) -> torch.Tensor:
     """The first ``pairs`` augmented pairs, each pair side by side, as one uint8 image [H', W', 3] (HWC).
 
     view1, view2: normalized float views [B, 3, H, W] (any device). Normalization is undone with ``mean``/``std``
     and pixels are rounded to 0..255, so the grid shows what the encoder was given; 2-pixel white borders.
     """
-    import torch
     from torchvision.utils import make_grid
 
     n = min(pairs, view1.shape[0])
