@@ -70,9 +70,7 @@ def main(argv: Sequence[str]) -> dict:
 
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device).to(device, dtype=torch.float64 if dtype == torch.float64 else None)
-    if device.type == "cuda":  # NHWC: the layout cuDNN's fastest convolutions (and bf16 tensor cores) want
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, device, dtype)
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
                             solarize_prob=cfg.aug.solarize_prob)
@@ -129,8 +127,7 @@ def main(argv: Sequence[str]) -> dict:
             loss_sum += out["loss"].detach()
             step, steps_since = step + 1, steps_since + 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                loss = check_finite(dist.all_reduce_sum(loss_sum).item() / steps_since / dist.world_size(), step,
-                                    ckpt_path)
+                loss = check_finite(dist.all_reduce_mean(loss_sum).item() / steps_since, step, ckpt_path)
                 views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
@@ -179,32 +176,44 @@ def main(argv: Sequence[str]) -> dict:
 EMBEDDING_IMAGES = 1000  # validation images in the W&B embedding table at the end of pretraining
 
 
-def build_model(cfg: PretrainConfig, device: torch.device) -> SimCLR:
-    """Encoder + projection head + loss settings from the config; global batch norm under torchrun."""
+def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> SimCLR:
+    """Encoder + projection head + loss settings from the config, on ``device``; global batch norm under torchrun.
+
+    Parameters are fp64 when ``dtype`` is (train.precision=fp64), fp32 otherwise (bf16 is autocast); on CUDA the
+    model is channels_last (NHWC: the layout cuDNN's fastest convolutions and bf16 tensor cores want)."""
     encoder = create_encoder(cfg.model.arch, cfg.model.width)
     hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers)
     model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1)
     if cfg.model.sync_bn and dist.world_size() > 1:  # statistics over the global batch, as in the paper
         model = convert_to_global_bn(model, device)
-    return model
+    model = model.to(device, dtype=torch.float64 if dtype == torch.float64 else None)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch.Generator, lr: float,
                device: torch.device, dtype: torch.dtype) -> dict:
     """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W]; returns the model's output."""
     view1, view2 = augment(images, generator, shard=(dist.rank(), dist.world_size()))
+    optimizer.zero_grad(set_to_none=True)
+    out = forward_backward(model, view1, view2, device, dtype)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return out
+
+
+def forward_backward(model, view1: torch.Tensor, view2: torch.Tensor, device: torch.device, dtype: torch.dtype
+                     ) -> dict:
+    """Loss of two view batches [B, 3, H, W] in the run's precision and memory layout, and its backward pass;
+    returns the model's output (gradients accumulate into the parameters)."""
     if dtype == torch.float64:  # train.precision=fp64: the whole model in double precision
         view1, view2 = view1.double(), view2.double()
     if device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
     with autocast(device, dtype):
         out = model(view1, view2)
-    optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.step()
     return out
 
 

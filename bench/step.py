@@ -33,10 +33,9 @@ from augment import SimCLRAugment  # noqa: E402
 from bench.augment import pil_pipeline  # noqa: E402
 from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
-from engine.device import autocast  # noqa: E402
 from engine.optim import create_optimizer  # noqa: E402
 from losses import nt_xent  # noqa: E402
-from pretrain import build_model, train_step  # noqa: E402
+from pretrain import build_model, forward_backward, train_step  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -85,9 +84,7 @@ class Setup:
         self.cfg = load_config(overrides, PretrainConfig)
         self.device, self.dtype, self.batch, self.images = images.device, PRECISIONS[precision], batch, images
         torch.manual_seed(0)
-        self.model = build_model(self.cfg, self.device).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = build_model(self.cfg, self.device, self.dtype)
         self.optimizer = create_optimizer(self.cfg.optim.name, self.model, lr=0.1,
                                           weight_decay=self.cfg.optim.weight_decay, momentum=self.cfg.optim.momentum)
         self.augment = SimCLRAugment()
@@ -109,11 +106,7 @@ class Setup:
         return self.augment(self.images[self.batch_indices()], self.generator)
 
     def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
-        with autocast(self.device, self.dtype):
-            loss = self.step_fn(view1, view2)["loss"]
-        loss.backward()
+        forward_backward(self.step_fn, view1, view2, self.device, self.dtype)
 
     def stage_seconds(self, warmup: int, steps: int) -> dict[str, float]:
         """Seconds per step of each stage, timed on its own."""

@@ -112,3 +112,8 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of x over ranks, as a new tensor (x is left as is)."""
+    return all_reduce_sum(x.clone()) / world_size()

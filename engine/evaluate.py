@@ -194,7 +194,7 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
             step, seen = step + 1, seen + 1
             if step % train.log_every == 0 or seen == sampler.steps_per_epoch:  # the only host syncs
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
-                    "train/loss": dist.all_reduce_sum(loss_sum.clone()).item() / seen / dist.world_size(),
+                    "train/loss": dist.all_reduce_mean(loss_sum).item() / seen,
                     "train/lr": lr, "train/base_lr": optim.base_lr,
                     "train/images_per_s": seen * train.batch_size / (time.perf_counter() - tick)})
                 if dist.is_main():

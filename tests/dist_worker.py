@@ -42,8 +42,8 @@ def gather_checks(rank: int, world: int, results: dict) -> None:
             rows = slice(rank * n // world, (rank + 1) * n // world)
             loss_shard = nt_xent(x1[rows] @ shard, x2[rows] @ shard, 0.3, gather=True, impl=impl)
             loss_shard.backward()
-            grad = dist.all_reduce_sum(shard.grad.clone()) / world  # what DDP does
-            mean_loss = dist.all_reduce_sum(loss_shard.detach().clone()) / world
+            grad = dist.all_reduce_mean(shard.grad)  # what DDP does
+            mean_loss = dist.all_reduce_mean(loss_shard.detach())
             results[f"gather/{impl}/n{n}/grad"] = relative(grad, whole.grad)
             results[f"gather/{impl}/n{n}/loss"] = abs(mean_loss.item() - loss_whole.item()) / loss_whole.item()
 

@@ -148,7 +148,7 @@ def test_training_step_never_waits_for_the_gpu():
     from pretrain import build_model, train_step
 
     device = torch.device("cuda")
-    model = build_model(load_config(["model.width=16"]), device).to(device).to(memory_format=torch.channels_last)
+    model = build_model(load_config(["model.width=16"]), device)  # on the GPU, channels_last
     optimizer = create_optimizer("lars", model, lr=0.1, weight_decay=1e-6)
     augment, g = SimCLRAugment(), torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
