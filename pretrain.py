@@ -127,7 +127,7 @@ def main(argv: Sequence[str]) -> dict:
             loss_sum += out["loss"].detach()
             step, steps_since = step + 1, steps_since + 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                loss = check_finite(dist.all_reduce_mean(loss_sum).item() / steps_since, step, ckpt_path)
+                loss = check_finite(dist.all_reduce_mean(loss_sum).item() / steps_since, step, run_dir, wandb_run)
                 views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
@@ -147,11 +147,13 @@ def main(argv: Sequence[str]) -> dict:
             save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn, wandb_run)
 
     # ---------------------------------------------------------------- finish
-    summary = {"step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(), **final_knn(metrics)}
+    summary = {"status": "finished", "step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(),
+               **final_knn(metrics)}
     if best_knn is not None:
         summary["knn/best_top1"] = best_knn
     if dist.is_main():
         save_encoder(run_dir / "encoder.pt", model.encoder, cfg)
+        summary["encoder_sha256"] = sha256_of(run_dir / "encoder.pt")  # what evaluations name as their checkpoint
         if cfg.eval.linear_at_end:
             splits = LabeledSplits(train_images, train_labels, val_images, val_labels, data.test_images.to(device),
                                    data.test_labels.to(device), list(data.classes), augment.mean, augment.std)
@@ -255,9 +257,17 @@ def linear_probe_at_end(cfg: PretrainConfig, encoder: torch.nn.Module, splits: L
     return {"linear/test_top1": record["test/top1"], "linear/val_top1": record["val/top1"]}
 
 
-def check_finite(loss: float, step: int, ckpt_path: Path) -> float:
+def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None) -> float:
+    """The loss, or stop: summary.json records the divergence (a result, not a crash) and the run exits 2."""
     if not math.isfinite(loss):
+        ckpt_path = run_dir / "checkpoints" / "last.pt"
         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        if dist.is_main():
+            summary = {"status": "diverged", "step": step, "train/loss": str(loss), "git_sha": git_sha()}
+            write_json(run_dir / "summary.json", summary)
+            if wandb_run is not None:
+                wandb_run.summarize(summary)
+                wandb_run.finish()
         raise UserError(f"loss became {loss} at step {step}; stopping ({kept}). Try a lower optim.base_lr")
     return loss
 

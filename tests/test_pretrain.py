@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from engine.checkpoint import sha256_of
 from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
 
 
@@ -30,6 +31,7 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     assert [r["epoch"] for r in knn] == [0, 1, 2]  # at initialization, every epoch, at the end
     summary = json.loads((run / "summary.json").read_text())
     assert summary["knn/top1"] == knn[-1]["knn/top1"] and summary["knn/init_top1"] == knn[0]["knn/top1"]
+    assert summary["status"] == "finished" and summary["encoder_sha256"] == sha256_of(run / "encoder.pt")
     encoder = torch.load(run / "encoder.pt", weights_only=False)
     from models import create_encoder
     rebuilt = create_encoder(**encoder["arch"])
@@ -135,6 +137,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert_user_error(diverged, "loss became")
     assert "last good checkpoint" in diverged.stderr
     assert ckpt.read_bytes() == good
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())  # a result that tables show as such
+    assert summary["status"] == "diverged" and summary["step"] > 6 and summary["train/loss"] in ("nan", "inf")
 
 
 @pytest.mark.gpu
