@@ -1,6 +1,7 @@
 """How entrypoints fail on bad input: one `error:` line on stderr, exit status 2, no traceback."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, Sequence
@@ -12,6 +13,13 @@ class UserError(Exception):
     Raised anywhere; turned into a single `error: ...` line by :func:`run_cli`. Programming errors keep
     their tracebacks.
     """
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad-usage errors are UserErrors: one `error:` line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:

@@ -9,10 +9,10 @@ must be uploaded first (``wandb sync <run>/wandb/offline-run-*``); the report qu
 """
 from __future__ import annotations
 
-import argparse
+from argparse import RawDescriptionHelpFormatter
 from typing import Optional, Sequence
 
-from engine.cli import UserError, run_cli
+from engine.cli import ArgumentParser, UserError, run_cli
 
 # (title, x axis, metric): the curves every SimCLR group is compared on; names as pretrain.py/finetune.py log them.
 CURVES = (("NT-Xent loss", "step", "train/loss"), ("kNN top-1 on the validation split (%)", "epoch", "knn/top1"),
@@ -66,8 +66,8 @@ def outline(report) -> str:
 
 
 def main(argv: Sequence[str]) -> str:
-    parser = argparse.ArgumentParser(prog="python -m engine.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m engine.report", description=__doc__,
+                                     formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("group", help="W&B group of the runs (wandb.group)")
     parser.add_argument("--by", default="train.batch_size", help="config key to group curves by")
     parser.add_argument("--project", default="simclr-cifar10")

@@ -83,7 +83,7 @@ class WandbRun:
                  extra_config: Optional[Dict[str, Any]] = None) -> None:
         import wandb  # imported here: with wandb.mode=disabled it is never imported at all
 
-        mode = cfg.mode if cfg.mode != "auto" else ("online" if _has_wandb_credentials() else "offline")
+        mode = cfg.mode if cfg.mode != "auto" else ("online" if has_wandb_credentials() else "offline")
         (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or Path(run_dir).name,
@@ -203,7 +203,7 @@ def run_facts(device) -> Dict[str, Any]:
             "torch_version": torch.__version__}
 
 
-def _has_wandb_credentials() -> bool:
+def has_wandb_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))

@@ -1,0 +1,133 @@
+"""Find the runs a table needs, by config: in run directories on disk or in a W&B group.
+
+A run counts for a planned run when its result-deciding config keys equal the plan's (``tables.plan.comparable``);
+an evaluation also has to have read the planned pretraining's encoder, which is checked by SHA-256 (the pretraining
+summary's ``encoder_sha256`` against the evaluation's ``checkpoint_sha256``), so names and paths never decide.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+
+from configs.schema import FinetuneConfig, PretrainConfig
+from tables.plan import Plan, PlannedRun, comparable
+from tables.spec import PRETRAIN
+
+STATUS_ORDER = ("finished", "diverged", "unfinished")  # which of several matching runs speaks for a planned run
+
+
+@dataclass
+class RunRecord:
+    """What a finished, diverged or unfinished run left behind, wherever it was found."""
+
+    kind: str  # "pretrain" | "evaluation"
+    config: Dict[str, Any]  # comparable(config)
+    status: str  # finished | diverged | unfinished
+    values: Dict[str, Any] = field(default_factory=dict)  # summary.json (pretrain) or results.json (evaluation)
+    where: str = ""  # run directory or W&B run path
+    progress: str = ""  # for unfinished runs: how far they got
+    checkpoint: str = ""  # evaluation: the config's checkpoint (a path, or "none")
+
+    @property
+    def encoder_sha256(self) -> Optional[str]:
+        return self.values.get("encoder_sha256")
+
+    @property
+    def checkpoint_sha256(self) -> Optional[str]:
+        return self.values.get("checkpoint_sha256")
+
+
+def scan_run_dirs(root: Path) -> List[RunRecord]:
+    """Every run directory under ``root`` (any depth, any name): a folder holding an entrypoint's config.yaml."""
+    records = []
+    for config_file in sorted(Path(root).rglob("config.yaml")):
+        if {"wandb", "checkpoints"} & set(config_file.relative_to(root).parts):  # W&B's own copies, not runs
+            continue
+        record = _read_run_dir(config_file.parent)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _read_run_dir(run_dir: Path) -> Optional[RunRecord]:
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    kind = "evaluation" if "checkpoint" in config else PRETRAIN
+    typed = comparable(config, FinetuneConfig if kind == "evaluation" else PretrainConfig)
+    if typed is None:
+        return None
+    record = RunRecord(kind, typed, "unfinished", where=str(run_dir), checkpoint=str(config.get("checkpoint", "")))
+    final = run_dir / ("results.json" if kind == "evaluation" else "summary.json")
+    if final.is_file():
+        record.values = json.loads(final.read_text())
+        record.status = record.values.get("status", "finished")
+    else:
+        record.progress = _progress(run_dir / "metrics.jsonl", config)
+    return record
+
+
+def _progress(metrics: Path, config: Dict[str, Any]) -> str:
+    """'epoch 3/10' from the last complete line of metrics.jsonl; 'started' if there is none."""
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    for line in reversed(lines):
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError):
+            continue
+        total = (config.get("train") or {}).get("epochs")
+        return f"epoch {epoch:g}/{total}" if total else f"epoch {epoch:g}"
+    return "started"
+
+
+def wandb_records(api: Any, path: str, group: str) -> List[RunRecord]:
+    """The runs of one W&B group (``api`` is a ``wandb.Api()``; ``path`` is ENTITY/PROJECT)."""
+    records = []
+    for run in api.runs(path, filters={"group": group}):
+        config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+        kind = PRETRAIN if run.job_type == PRETRAIN else "evaluation"
+        typed = comparable(config, PretrainConfig if kind == PRETRAIN else FinetuneConfig)
+        if typed is None:
+            continue
+        summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
+        done = "encoder_sha256" in summary if kind == PRETRAIN else "test/top1" in summary
+        status = summary.get("status") if summary.get("status") == "diverged" else "finished" if done else "unfinished"
+        records.append(RunRecord(kind, typed, status, summary if status != "unfinished" else {},
+                                 where=f"wandb:{path}/{run.id}", progress=f"W&B state {run.state}",
+                                 checkpoint=str(config.get("checkpoint", ""))))
+    return records
+
+
+def match(plan: Plan, records: Iterable[RunRecord]) -> Dict[str, Optional[RunRecord]]:
+    """Planned run name -> the record that speaks for it (None: not run). Pretraining runs are matched first."""
+    records = list(records)
+    found: Dict[str, Optional[RunRecord]] = {}
+    for run in plan.runs:  # in launch order, so a run's pretraining is already matched
+        candidates = [r for r in records if r.kind == (PRETRAIN if run.stage == PRETRAIN else "evaluation")
+                      and r.config == run.expected and _reads_the_right_encoder(run, r, found)]
+        candidates.sort(key=lambda r: (STATUS_ORDER.index(r.status) if r.status in STATUS_ORDER else 3, r.where))
+        found[run.name] = candidates[0] if candidates else None
+    return found
+
+
+def _reads_the_right_encoder(run: PlannedRun, record: RunRecord, found: Dict[str, Optional[RunRecord]]) -> bool:
+    if run.stage == PRETRAIN:
+        return True
+    if run.pretraining is None:
+        return record.checkpoint.lower() == "none"
+    pretraining = found.get(run.pretraining.name)
+    if pretraining is None or pretraining.status != "finished":
+        return False
+    if record.status == "finished":
+        return record.checkpoint_sha256 is not None and record.checkpoint_sha256 == pretraining.encoder_sha256
+    # an evaluation that has not written results.json yet: only its config's path says what it reads
+    named = Path(record.checkpoint).expanduser()  # relative paths: from the working directory, as launched
+    home = Path(pretraining.where)
+    return named.resolve() in {home.resolve(), (home / "encoder.pt").resolve()}

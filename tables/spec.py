@@ -1,0 +1,152 @@
+"""Table specs: configs/tables/<name>.yaml, read into typed dataclasses and checked before anything runs.
+
+A spec names a base pretraining recipe and the evaluations run on each pretrained encoder, then lists rows: each
+row is a set of ``key=value`` overrides (exactly what the command line takes) plus the published values it is
+compared with, per column. A column is one metric of one evaluation (``test/top1`` of the linear probe, say) or of
+the pretraining run itself (``evaluation: pretrain`` reads summary.json).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.cli import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES_DIR = REPO / "configs" / "tables"
+PRETRAIN = "pretrain"  # the evaluation name that means "the pretraining run's own summary.json"
+
+
+@dataclass
+class Source:
+    paper: str = ""
+    where: str = ""  # the table, figure or section
+    url: str = ""
+
+
+@dataclass
+class Stage:
+    """A recipe file (None = the schema defaults) plus overrides, in the command line's key=value form."""
+
+    recipe: Optional[str] = None
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Column:
+    name: str = MISSING
+    evaluation: str = MISSING  # a key of `evaluations`, or "pretrain"
+    metric: str = MISSING  # a key of that run's results.json (evaluations) or summary.json (pretrain)
+    label: str = ""
+
+
+@dataclass
+class Published:
+    value: Optional[float] = None
+    figure_only: bool = False  # shown only in a figure of the source: no number is transcribed
+    protocol: str = ""  # how the published number was measured
+    source: str = ""  # who published it, where that is not the table's source
+    note: str = ""
+
+
+@dataclass
+class Row:
+    name: str = MISSING
+    pretrain: List[str] = field(default_factory=list)  # overrides of the pretraining run
+    from_scratch: bool = False  # no pretraining: evaluations start from random weights of the same encoder
+    evaluations: Dict[str, List[str]] = field(default_factory=dict)  # extra overrides per evaluation
+    columns: Optional[List[str]] = None  # None = all of the table's columns
+    published: Dict[str, Published] = field(default_factory=dict)  # by column name
+    note: str = ""
+
+
+@dataclass
+class Plot:
+    """A PNG of one column across rows: x and series are config keys of the rows' pretraining runs."""
+
+    column: str = MISSING
+    x: str = MISSING
+    series: Optional[str] = None
+
+
+@dataclass
+class TableSpec:
+    name: str = MISSING
+    title: str = MISSING
+    source: Source = field(default_factory=Source)
+    pretrain: Stage = field(default_factory=Stage)
+    evaluations: Dict[str, Stage] = field(default_factory=dict)
+    shared: List[str] = field(default_factory=list)  # overrides of every run, pretraining and evaluation
+    columns: List[Column] = field(default_factory=list)
+    rows: List[Row] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=lambda: [0])
+    plot: Optional[Plot] = None
+    notes: str = ""
+
+    def row_columns(self, row: Row) -> List[Column]:
+        """The columns a row is measured in."""
+        return [c for c in self.columns if row.columns is None or c.name in row.columns]
+
+    def row_evaluations(self, row: Row) -> List[str]:
+        """The evaluation runs a row needs (per seed), in the order of the table's evaluations."""
+        wanted = {c.evaluation for c in self.row_columns(row)}
+        return [name for name in self.evaluations if name in wanted]
+
+
+def available_tables() -> List[str]:
+    return sorted(p.stem for p in TABLES_DIR.glob("*.yaml"))
+
+
+def load_table(name_or_path: str) -> TableSpec:
+    """A table by name (configs/tables/<name>.yaml) or by path to a spec file, validated."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = TABLES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise UserError(f"no table {name_or_path!r}; available: {', '.join(available_tables())} "
+                        "(or the path of a spec file)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+        spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TableSpec), raw or {}))
+    except yaml.YAMLError as err:
+        raise UserError(f"table spec {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except OmegaConfBaseException as err:
+        where = f" at {err.full_key!r}" if getattr(err, "full_key", None) else ""
+        raise UserError(f"table spec {str(path)!r}{where}: {str(err).splitlines()[0]}") from None
+    check_table(spec, path)
+    return spec
+
+
+def check_table(spec: TableSpec, path: Path) -> None:
+    """Cross-references a typed load cannot see: columns, evaluations, recipes, names, published values."""
+    where = f"table spec {str(path)!r}"
+    recipes = [spec.pretrain.recipe] + [stage.recipe for stage in spec.evaluations.values()]
+    for recipe in filter(None, recipes):
+        if not (REPO / recipe).is_file():
+            raise UserError(f"{where}: recipe {recipe!r} does not exist")
+    columns = {c.name for c in spec.columns}
+    for column in spec.columns:
+        if column.evaluation != PRETRAIN and column.evaluation not in spec.evaluations:
+            raise UserError(f"{where}: column {column.name!r} reads evaluation {column.evaluation!r}, which is not "
+                            f"one of pretrain, {', '.join(spec.evaluations)}")
+    names = [row.name for row in spec.rows]
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"{where}: rows must be present and have unique names")
+    for row in spec.rows:
+        unknown = (set(row.columns or []) | set(row.published)) - columns
+        if unknown:
+            raise UserError(f"{where}: row {row.name!r} names unknown columns {sorted(unknown)}")
+        if row.from_scratch and any(c.evaluation == PRETRAIN for c in spec.row_columns(row)):
+            raise UserError(f"{where}: row {row.name!r} is from_scratch but reads a column of the pretraining run")
+        extra = set(row.evaluations) - set(spec.evaluations)
+        if extra:
+            raise UserError(f"{where}: row {row.name!r} overrides unknown evaluations {sorted(extra)}")
+    if spec.plot is not None and spec.plot.column not in columns:
+        raise UserError(f"{where}: plot.column {spec.plot.column!r} is not a column")
+    if not spec.seeds:
+        raise UserError(f"{where}: seeds must list at least one seed")
