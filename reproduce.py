@@ -134,18 +134,16 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
 
 
 def resumable(run: PlannedRun, record: Optional[RunRecord]) -> Tuple[List[str], Path]:
-    """The run's arguments and directory; an unfinished pretraining continues in its own directory
-    (run.resume=auto), an unfinished evaluation (which cannot resume) starts over in a fresh one beside it."""
-    args = run.command_args()
-    if record is None:
-        return args, run.path
-    where = Path(record.where)
-    if run.stage != PRETRAIN:
-        attempt = 2
-        while (run.path.parent / f"{run.name}-try{attempt}").exists():
-            attempt += 1
-        where = run.path.parent / f"{run.name}-try{attempt}"
-    return args + [f"run.dir={where.parent}", f"run.name={where.name}"], where
+    """The run's arguments and directory. An unfinished pretraining continues in its own directory (run.resume=auto);
+    anything else starts in a directory of its own, never one holding another run (an unfinished evaluation, which
+    cannot resume, or a run at the planned name whose config no longer matches)."""
+    if run.stage == PRETRAIN and record is not None:
+        where = Path(record.where)
+    else:
+        where, attempt = run.path, 2
+        while where.exists():
+            where, attempt = run.path.with_name(f"{run.name}-try{attempt}"), attempt + 1
+    return run.command_args() + [f"run.dir={where.parent}", f"run.name={where.name}"], where
 
 
 def launch_argv(run: PlannedRun, args: List[str], launcher: str, nproc_per_node: int) -> List[str]:

@@ -86,6 +86,9 @@ def ours_text(cell: Cell) -> str:
     if cell.values:
         text = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
         text += f" ({len(cell.values)} seed{'s' if len(cell.values) > 1 else ''})"
+    reasons = set(cell.missing.values())
+    if not cell.values and len(reasons) == 1:  # nothing to show yet, for one reason: say it once
+        return reasons.pop()
     if cell.missing:
         gaps = "; ".join(f"seed {seed}: {why}" for seed, why in cell.missing.items())
         text = f"{text}; {gaps}" if text else gaps
