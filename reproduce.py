@@ -29,7 +29,7 @@ from tables.render import build_cells, describe, markdown, plot_png, write_csv
 from tables.spec import PRETRAIN, available_tables, load_table
 
 
-def main(argv: Sequence[str]) -> Plan:
+def main(argv: Sequence[str]) -> Optional[Plan]:
     # ---------------------------------------------------------------- what to do, for which table
     args, extra = parse_args(argv)
     if args.list:

@@ -22,7 +22,7 @@ SMOKE_RUNS = 10  # 2 rows x 2 seeds x (pretraining + linear probe) + 1 row x 2 s
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> Path:
-    """The smoke table run once by `reproduce.py smoke --run` (about a minute on 2 cores); tests copy it to change it."""
+    """The smoke table, run once by `reproduce.py smoke --run` (a minute on 2 cores); tests copy it to change it."""
     runs = tmp_path_factory.mktemp("smoke_runs")
     result = run_entry("reproduce.py", "smoke", "--run", "--runs-dir", str(runs))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -144,6 +144,20 @@ def test_diverged_rows_show_as_diverged(tmp_path):
     assert rendered[("huge-lr", "linear")]["missing"].startswith("0:pretraining diverged at step")
     assert "| huge-lr | `optim.name=sgd`, `optim.base_lr=1e30` | kNN top-1, val split (%) | diverged at step" \
         in result.stdout
+
+
+def test_run_with_torchrun(tmp_path):
+    """--launcher torchrun: each run is `python -m torch.distributed.run --standalone` with 2 processes (gloo)."""
+    spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
+    spec.update(name="two_procs", seeds=[0], plot=None, rows=[{"name": "t0.5", "pretrain": ["loss.temperature=0.5"]}])
+    path = tmp_path / "two_procs.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = run_entry("reproduce.py", str(path), "--run", "--render", "--launcher", "torchrun", "--nproc-per-node",
+                       "2", "--runs-dir", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("2 process(es)") == 2  # the pretraining and the probe each ran as 2 processes
+    rendered = read_csv(tmp_path / "runs" / "two_procs" / "two_procs.csv")
+    assert rendered[("t0.5", "knn_val")]["n_finished"] == rendered[("t0.5", "linear")]["n_finished"] == "1"
 
 
 def parse_printed(line: str):
