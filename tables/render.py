@@ -108,7 +108,7 @@ def setting_text(row: Row) -> str:
     parts = ["no pretraining (random init)"] if row.from_scratch else []
     parts += [f"`{o}`" for o in row.pretrain]
     parts += [f"`{o}` ({name})" for name, overrides in row.evaluations.items() for o in overrides]
-    return (", ".join(parts) or "base recipe") + (f" ({row.note})" if row.note else "")
+    return "; ".join(filter(None, [", ".join(parts) or "base recipe", row.note]))
 
 
 def markdown(plan: Plan, cells: List[Cell]) -> str:
