@@ -7,6 +7,7 @@ the pretraining run itself (``evaluation: pretrain`` reads summary.json).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -138,6 +139,10 @@ def check_table(spec: TableSpec, path: Path) -> None:
     if not names or len(set(names)) != len(names):
         raise UserError(f"{where}: rows must be present and have unique names")
     for row in spec.rows:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", row.name):  # it becomes part of run directory names
+            raise UserError(f"{where}: row name {row.name!r} may hold only letters, digits, '.', '_' and '-'")
+        if any(p.figure_only and p.value is not None for p in row.published.values()):
+            raise UserError(f"{where}: row {row.name!r} gives a value for a figure-only published number")
         unknown = (set(row.columns or []) | set(row.published)) - columns
         if unknown:
             raise UserError(f"{where}: row {row.name!r} names unknown columns {sorted(unknown)}")

@@ -258,5 +258,7 @@ def test_bad_input_is_one_error_line(tmp_path):
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row 'r': unknown config key 'loss.temprature'")
     bad.write_text(yaml.safe_dump({**spec, "rows": [{"name": "r", "columns": ["nope"]}]}))
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "unknown columns ['nope']")
+    bad.write_text(yaml.safe_dump({**spec, "rows": [{"name": "a/b"}]}))
+    assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row name 'a/b' may hold only")
     bad.write_text(yaml.safe_dump({**spec, "colums": []}))
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "colums")
