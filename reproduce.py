@@ -41,7 +41,7 @@ def main(argv: Sequence[str]) -> Optional[Plan]:
 
     # ---------------------------------------------------------------- commands
     if args.print:
-        print_commands(plan, [args.launcher] if args.launcher else LAUNCHERS, args.nproc_per_node)
+        print_commands(plan, [args.launcher] if args.launcher else LAUNCHERS, args.nproc_per_node, args.nodes)
 
     # ---------------------------------------------------------------- run the missing ones
     failed: List[str] = []
@@ -75,7 +75,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="instead of the spec's seeds")
     parser.add_argument("--launcher", choices=LAUNCHERS, default=None,
                         help="--print: only this form (default: all three); --run: python or torchrun")
-    parser.add_argument("--nproc-per-node", type=int, default=8, help="processes per node for torchrun/sbatch")
+    parser.add_argument("--nproc-per-node", type=int, default=8, help="processes (GPUs) per node for torchrun/sbatch")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes per job in the printed sbatch lines")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", default=None,
                         help="collect from this W&B project (group = the table's name) instead of run directories")
     args, extra = parser.parse_known_args(argv)
@@ -102,13 +103,13 @@ def check_extra(extra: List[str]) -> List[str]:
     return extra
 
 
-def print_commands(plan: Plan, launchers: Sequence[str], nproc_per_node: int) -> None:
+def print_commands(plan: Plan, launchers: Sequence[str], nproc_per_node: int, nodes: int) -> None:
     print(f"# {plan.spec.title}: {len(plan.runs)} runs (seeds {', '.join(map(str, plan.seeds))})")
     for run in plan.runs:
         after = f", after {run.pretraining.name}" if run.pretraining else ""
         print(f"\n# {run.stage} for {', '.join(run.rows)}, seed {run.seed}{after}")
         for launcher in launchers:
-            print(command(run, launcher, nproc_per_node))
+            print(command(run, launcher, nproc_per_node, nodes))
 
 
 def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) -> List[str]:

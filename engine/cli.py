@@ -31,6 +31,9 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one of them says why
             print(f"error: {one_line}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BrokenPipeError:  # output piped into `head` or the like, which stopped reading: end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

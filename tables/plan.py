@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,12 +166,22 @@ def _add(runs: Dict[str, PlannedRun], run: PlannedRun, row: Row) -> PlannedRun:
     return runs[key]
 
 
-def command(run: PlannedRun, launcher: str, nproc_per_node: int = 8) -> str:
-    """The shell command that launches ``run``: plain python, torchrun on one node, or sbatch (scripts/)."""
+def command(run: PlannedRun, launcher: str, nproc_per_node: int = 8, nodes: int = 1) -> str:
+    """The shell command that launches ``run``: plain python, torchrun on one node, or an sbatch submission of
+    scripts/slurm.sbatch. sbatch lines keep the job id in a shell variable and evaluations depend on their
+    pretraining's job (afterok), so the sbatch lines of a table, piped to bash, submit it in the right order."""
     args = shlex.join(run.command_args())
     if launcher == "python":
         return f"python {run.script} {args}"
     if launcher == "torchrun":
         return f"torchrun --nproc-per-node {nproc_per_node} {run.script} {args}"
-    script_env = "" if run.script == "pretrain.py" else f"SCRIPT={run.script} "
-    return f"{script_env}sbatch scripts/slurm.sbatch {args}"
+    script_env = "" if run.stage == PRETRAIN else "SCRIPT=finetune.py "
+    after = f" --dependency=afterok:${job_variable(run.pretraining)}" if run.pretraining else ""
+    return (f"{job_variable(run)}=$({script_env}sbatch --parsable --nodes={nodes} --gpus-per-node={nproc_per_node}"
+            f"{after} "
+            f"scripts/slurm.sbatch {args})")
+
+
+def job_variable(run: PlannedRun) -> str:
+    """The shell variable holding a run's SLURM job id in printed sbatch lines."""
+    return "job_" + re.sub(r"\W", "_", run.name)

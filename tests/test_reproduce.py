@@ -1,9 +1,11 @@
 """reproduce.py: table specs, printed commands, the runner, matching runs by config, rendering beside the paper."""
 import csv
 import json
+import os
 import shlex
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -164,11 +166,12 @@ def parse_printed(line: str):
     """A printed command -> (schema, config) through the config loader, whatever its launcher."""
     tokens = shlex.split(line)
     script = "pretrain.py"
-    if tokens[0].startswith("SCRIPT="):  # sbatch of an evaluation: scripts/slurm.sbatch runs $SCRIPT
-        script, tokens = tokens[0].split("=", 1)[1], tokens[1:]
-    if tokens[0] == "sbatch":
-        assert tokens[1] == "scripts/slurm.sbatch" and (REPO / tokens[1]).is_file()
-        args = tokens[2:]
+    if tokens[0].startswith("job_"):  # job_X=$([SCRIPT=finetune.py] sbatch --parsable ... scripts/slurm.sbatch ARGS)
+        assert tokens[0].endswith("=$(sbatch") or tokens[0].endswith("=$(SCRIPT=finetune.py")
+        script = "finetune.py" if "SCRIPT=finetune.py" in tokens[0] else script
+        assert (REPO / "scripts/slurm.sbatch").is_file() and tokens[-1].endswith(")")
+        args = tokens[tokens.index("scripts/slurm.sbatch") + 1:]
+        args[-1] = args[-1][:-1]
     else:
         script = next(t for t in tokens if t.endswith(".py"))
         args = tokens[tokens.index(script) + 1:]
@@ -183,7 +186,7 @@ def test_simclr_b9_prints_a_command_for_every_row_that_parses():
     spec = load_table("simclr_b9")
     commands = [line for line in result.stdout.splitlines() if line and not line.startswith("#")]
     assert len(commands) == 3 * (2 * 20 + 1)  # python, torchrun, sbatch for 20 pretrainings + probes, 1 supervised
-    for launcher in ("python ", "torchrun --nproc-per-node 8 ", "sbatch ", "SCRIPT=finetune.py sbatch "):
+    for launcher in ("python ", "torchrun --nproc-per-node 8 ", "job_"):
         assert any(c.startswith(launcher) for c in commands), launcher
     grid, probes, supervised = set(), 0, 0
     for line in commands:
@@ -201,6 +204,41 @@ def test_simclr_b9_prints_a_command_for_every_row_that_parses():
     assert probes == 3 * 20 and supervised == 3
     for row in spec.rows:  # every row is named in a command's comment
         assert f" for {row.name}" in result.stdout or f", {row.name}" in result.stdout
+
+
+def test_printed_sbatch_lines_submit_the_table_in_order(tmp_path):
+    """`--print --launcher sbatch | bash` submits every run once, each evaluation after its own pretraining
+    (afterok), with SCRIPT=finetune.py for evaluations. A stand-in `sbatch` records what it was given."""
+    log = tmp_path / "submitted.jsonl"
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/usr/bin/env python3
+import json, os, sys
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps({{"args": sys.argv[1:], "script": os.environ.get("SCRIPT", "pretrain.py")}}) + "\\n")
+print(sum(1 for _ in open({str(log)!r})) + 1000)
+""")
+    fake.chmod(0o755)
+    printed = run_entry("reproduce.py", "smoke", "--print", "--launcher", "sbatch", "--nproc-per-node", "4", "--nodes",
+                        "2")
+    assert printed.returncode == 0, printed.stderr
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    shell = subprocess.run(["bash", "-euo", "pipefail"], input=printed.stdout, env=env, cwd=REPO, text=True,
+                           capture_output=True)
+    assert shell.returncode == 0, shell.stderr
+    jobs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(jobs) == SMOKE_RUNS and all({"--gpus-per-node=4", "--nodes=2"} <= set(j["args"]) for j in jobs)
+    job_id = {next(a for a in j["args"] if a.startswith("run.name=")): 1001 + i for i, j in enumerate(jobs)}
+    for job in jobs:
+        checkpoint = next((a.split("=", 1)[1] for a in job["args"] if a.startswith("checkpoint=")), None)
+        dependency = [a for a in job["args"] if a.startswith("--dependency=")]
+        if job["script"] == "pretrain.py":
+            assert checkpoint is None and not dependency
+        elif checkpoint == "none":  # a row without pretraining waits for nothing
+            assert not dependency
+        else:
+            assert job["script"] == "finetune.py"
+            assert dependency == [f"--dependency=afterok:{job_id['run.name=' + Path(checkpoint).name]}"]
 
 
 @pytest.mark.parametrize("name", available_tables())
