@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from configs.load import config_keys
 from configs.schema import FinetuneConfig, PretrainConfig
 from engine.cli import ArgumentParser, UserError, run_cli
-from tables.collect import RunRecord, match, scan_run_dirs, wandb_records
+from tables.collect import RunRecord, describe, match, pretraining_pending, scan_run_dirs, wandb_records
 from tables.plan import LAUNCHERS, Plan, PlannedRun, command, plan_table
-from tables.render import build_cells, describe, markdown, plot_png, write_csv
+from tables.render import build_cells, markdown, plot_png, write_csv
 from tables.spec import PRETRAIN, available_tables, load_table
 
 
@@ -115,21 +115,20 @@ def print_commands(plan: Plan, launchers: Sequence[str], nproc_per_node: int, no
 def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) -> List[str]:
     """Launch every run that has no finished or diverged match, in plan order; returns the names that failed."""
     failed = []
+    found = match(plan, scan_run_dirs(runs_dir))
     for run in plan.runs:
-        found = match(plan, scan_run_dirs(runs_dir))  # fresh each time: earlier runs have just been written
-        record = found[run.name]
+        record, pending = found[run.name], pretraining_pending(run, found)
         if record is not None and record.status in ("finished", "diverged"):
             print(f"reproduce: {run.name}: {describe(record)} ({record.where}), skipped", flush=True)
             continue
-        pretraining = found[run.pretraining.name] if run.pretraining else None
-        if run.pretraining is not None and (pretraining is None or pretraining.status != "finished"):
-            print(f"reproduce: {run.name}: skipped, its pretraining is {describe(pretraining)}", flush=True)
+        if pending:
+            print(f"reproduce: {run.name}: skipped, its pretraining is {pending}", flush=True)
             continue
         run_args, where = resumable(run, record)
         print(f"reproduce: {run.name}: {'resuming' if record else 'starting'} in {where}", flush=True)
         result = subprocess.run(launch_argv(run, run_args, launcher, nproc_per_node))
-        after = match(plan, scan_run_dirs(runs_dir))[run.name]
-        if result.returncode != 0 and (after is None or after.status != "diverged"):
+        found = match(plan, scan_run_dirs(runs_dir))  # again: this run has just written its directory
+        if result.returncode != 0 and (found[run.name] is None or found[run.name].status != "diverged"):
             failed.append(run.name)
     return failed
 

@@ -67,7 +67,7 @@ def outline(report) -> str:
 
 def main(argv: Sequence[str]) -> str:
     parser = ArgumentParser(prog="python -m engine.report", description=__doc__,
-                                     formatter_class=RawDescriptionHelpFormatter)
+                            formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("group", help="W&B group of the runs (wandb.group)")
     parser.add_argument("--by", default="train.batch_size", help="config key to group curves by")
     parser.add_argument("--project", default="simclr-cifar10")

@@ -105,6 +105,26 @@ def wandb_records(api: Any, path: str, group: str) -> List[RunRecord]:
     return records
 
 
+def describe(record: Optional[RunRecord]) -> str:
+    """A run's state in a few words: 'not run', 'unfinished (epoch 3/10)', 'diverged at step 40'."""
+    if record is None:
+        return "not run"
+    if record.status == "diverged":
+        return f"diverged at step {record.values.get('step', '?')}"
+    if record.status == "unfinished":
+        return f"unfinished ({record.progress})" if record.progress else "unfinished"
+    return record.status
+
+
+def pretraining_pending(run: PlannedRun, found: Dict[str, Optional[RunRecord]]) -> Optional[str]:
+    """For an evaluation whose pretraining has not finished, that pretraining's state ('not run', 'unfinished (...)',
+    'diverged at step N'); None when there is nothing to wait for."""
+    if run.pretraining is None:
+        return None
+    pretraining = found.get(run.pretraining.name)
+    return None if pretraining is not None and pretraining.status == "finished" else describe(pretraining)
+
+
 def match(plan: Plan, records: Iterable[RunRecord]) -> Dict[str, Optional[RunRecord]]:
     """Planned run name -> the record that speaks for it (None: not run). Pretraining runs are matched first."""
     records = list(records)

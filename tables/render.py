@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tables.collect import RunRecord
+from tables.collect import RunRecord, describe, pretraining_pending
 from tables.plan import Plan
 from tables.spec import PRETRAIN, Column, Row
 
@@ -54,30 +54,18 @@ def build_cells(plan: Plan, found: Dict[str, Optional[RunRecord]]) -> List[Cell]
             cell = Cell(row, column)
             for seed in plan.seeds:
                 run = plan.by_cell[(row.name, seed, column.evaluation)]
-                record = found.get(run.name)
-                pretraining = found.get(run.pretraining.name) if run.pretraining else None
+                record, pending = found.get(run.name), pretraining_pending(run, found)
                 if record is not None and record.status == "finished" and column.metric in record.values:
                     cell.values[seed] = float(record.values[column.metric])
                     cell.runs.append(record.where)
-                elif run.pretraining is not None and (pretraining is None or pretraining.status != "finished"):
-                    cell.missing[seed] = "pretraining " + describe(pretraining)
+                elif pending:
+                    cell.missing[seed] = f"pretraining {pending}"
                 elif record is not None and record.status == "finished":
                     cell.missing[seed] = f"no {column.metric} in {record.where}"
                 else:
                     cell.missing[seed] = describe(record)
             cells.append(cell)
     return cells
-
-
-def describe(record: Optional[RunRecord]) -> str:
-    """A run's state in a few words: 'not run', 'unfinished (epoch 3/10)', 'diverged at step 40'."""
-    if record is None:
-        return "not run"
-    if record.status == "diverged":
-        return f"diverged at step {record.values.get('step', '?')}"
-    if record.status == "unfinished":
-        return f"unfinished ({record.progress})" if record.progress else "unfinished"
-    return record.status
 
 
 def ours_text(cell: Cell) -> str:

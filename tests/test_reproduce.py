@@ -41,6 +41,13 @@ def read_csv(path: Path) -> dict:
         return {(r["row"], r["column"]): r for r in csv.DictReader(f)}
 
 
+def smoke_variant(path: Path, **changes) -> Path:
+    """Write a spec file at ``path``: the smoke table with top-level keys replaced."""
+    spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
+    path.write_text(yaml.safe_dump({**spec, **changes}))
+    return path
+
+
 def own_numbers(runs: Path) -> dict:
     """(row, column) -> {seed: value} read straight from the runs' summary.json / results.json, rows recognized by
     their config (temperature, or a random-init checkpoint), independently of reproduce's matching."""
@@ -133,11 +140,8 @@ def test_unfinished_pretraining_shows_and_resumes(smoke_runs, tmp_path):
 
 
 def test_diverged_rows_show_as_diverged(tmp_path):
-    spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
-    spec.update(name="diverging", seeds=[0], plot=None,
-                rows=[{"name": "huge-lr", "pretrain": ["optim.name=sgd", "optim.base_lr=1e30"]}])
-    path = tmp_path / "diverging.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = smoke_variant(tmp_path / "diverging.yaml", name="diverging", seeds=[0], plot=None,
+                         rows=[{"name": "huge-lr", "pretrain": ["optim.name=sgd", "optim.base_lr=1e30"]}])
     result = run_entry("reproduce.py", str(path), "--run", "--render", "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr  # a divergence is a result, not a failure of the runner
     assert "error: loss became" in result.stderr and "skipped, its pretraining is diverged at step" in result.stdout
@@ -150,10 +154,8 @@ def test_diverged_rows_show_as_diverged(tmp_path):
 
 def test_run_with_torchrun(tmp_path):
     """--launcher torchrun: each run is `python -m torch.distributed.run --standalone` with 2 processes (gloo)."""
-    spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
-    spec.update(name="two_procs", seeds=[0], plot=None, rows=[{"name": "t0.5", "pretrain": ["loss.temperature=0.5"]}])
-    path = tmp_path / "two_procs.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = smoke_variant(tmp_path / "two_procs.yaml", name="two_procs", seeds=[0], plot=None,
+                         rows=[{"name": "t0.5", "pretrain": ["loss.temperature=0.5"]}])
     result = run_entry("reproduce.py", str(path), "--run", "--render", "--launcher", "torchrun", "--nproc-per-node",
                        "2", "--runs-dir", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -290,13 +292,11 @@ def test_bad_input_is_one_error_line(tmp_path):
     assert_user_error(run_entry("reproduce.py", "smoke", "--print", "--bogus"), "unrecognized arguments")
     assert_user_error(run_entry("reproduce.py", "smoke", "--print", "train.epoch=3"), "names no config key")
     assert_user_error(run_entry("reproduce.py", "smoke", "--run", "--launcher", "sbatch"), "--print --launcher sbatch")
-    spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**spec, "rows": [{"name": "r", "pretrain": ["loss.temprature=0.1"]}]}))
+    bad = smoke_variant(tmp_path / "bad.yaml", rows=[{"name": "r", "pretrain": ["loss.temprature=0.1"]}])
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row 'r': unknown config key 'loss.temprature'")
-    bad.write_text(yaml.safe_dump({**spec, "rows": [{"name": "r", "columns": ["nope"]}]}))
+    bad = smoke_variant(tmp_path / "bad.yaml", rows=[{"name": "r", "columns": ["nope"]}])
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "unknown columns ['nope']")
-    bad.write_text(yaml.safe_dump({**spec, "rows": [{"name": "a/b"}]}))
+    bad = smoke_variant(tmp_path / "bad.yaml", rows=[{"name": "a/b"}])
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row name 'a/b' may hold only")
-    bad.write_text(yaml.safe_dump({**spec, "colums": []}))
+    bad = smoke_variant(tmp_path / "bad.yaml", colums=[])
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "colums")
