@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from augment import CIFAR10_MEAN, CIFAR10_STD
+from augment import NORMALIZATIONS
 from configs.load import load_config, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
@@ -70,7 +70,7 @@ def main(argv: Sequence[str]) -> dict:
     splits = LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
                            data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
                            data.test_images.to(device), data.test_labels.to(device), list(data.classes),
-                           CIFAR10_MEAN, CIFAR10_STD)
+                           *input_normalization(source))
     say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
           f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
 
@@ -134,6 +134,14 @@ def encoder_arch(cfg: FinetuneConfig, source: Optional[EncoderFile]) -> tuple[st
     return source.arch, source.width
 
 
+def input_normalization(source: Optional[EncoderFile]) -> tuple:
+    """(mean, std) the encoder was pretrained with (its aug.normalize); CIFAR-10 statistics from scratch."""
+    name = source.normalize if source else "cifar"
+    if name not in NORMALIZATIONS:
+        raise UserError(f"checkpoint {str(source.path)!r} names an unknown input normalization {name!r}")
+    return NORMALIZATIONS[name]
+
+
 def default_run_name(cfg: FinetuneConfig, source: Optional[EncoderFile], arch: str) -> str:
     """<pretraining run>-<mode>[-<percent>pct]-s<seed>, e.g. resnet18-cifar10-s0-finetune-1pct-s0."""
     base = source.run_name if source else f"scratch-{arch}"
@@ -144,7 +152,8 @@ def default_run_name(cfg: FinetuneConfig, source: Optional[EncoderFile], arch: s
 def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype,
              metrics: MetricsLog) -> EvalOutcome:
     if cfg.eval.mode == "knn":
-        return knn_evaluation(encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, dtype=dtype)
+        return knn_evaluation(encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                              vote=cfg.eval.knn_vote, dtype=dtype)
     if cfg.eval.mode == "linear":
         return linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype, augment=cfg.eval.augment,
                                  refit_allowed=cfg.eval.label_fraction == 1, log=say)

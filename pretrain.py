@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from augment import SimCLRAugment
+from augment import NORMALIZATIONS, SimCLRAugment
 from configs.load import from_dict, load_config, to_dict, to_yaml
 from configs.schema import PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
@@ -27,9 +27,10 @@ from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
 from engine.cli import UserError, run_cli
 from engine.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
+from engine.accuracy import topk_accuracy
 from engine.knn import extract_features, extract_features_sharded, knn_top1
 from engine.plots import view_pair_grid
-from engine.optim import create_optimizer, effective_lr, lr_at
+from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
 from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
                              write_results)
 from losses.diagnostics import embedding_stats
@@ -44,7 +45,7 @@ def main(argv: Sequence[str]) -> dict:
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
     dist.check_global_batch(cfg.train.batch_size)
-    if cfg.eval.knn_every and not cfg.data.val_size:
+    if cfg.eval.knn_every and not (cfg.data.val_size or cfg.eval.knn_test_monitor):
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     if cfg.eval.linear_at_end:
         check_probe_config(cfg.probe, cfg.data.val_size)
@@ -58,8 +59,11 @@ def main(argv: Sequence[str]) -> dict:
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
     train_idx, val_idx = split_train_val(data.train_labels, cfg.data.val_size, cfg.data.train_limit,
                                          cfg.data.split_seed)
-    train_images, train_labels = data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device)
-    val_images, val_labels = data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device)
+    splits = LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
+                           data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
+                           data.test_images.to(device), data.test_labels.to(device), list(data.classes),
+                           *NORMALIZATIONS[cfg.aug.normalize])
+    train_images, train_labels = splits.train_images, splits.train_labels
     try:
         sampler = EpochSampler(len(train_idx), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     except ValueError as err:
@@ -70,13 +74,14 @@ def main(argv: Sequence[str]) -> dict:
 
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device, dtype)
+    model = build_model(cfg, device, dtype, num_classes=splits.num_classes if cfg.eval.online_linear else None)
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
-                            solarize_prob=cfg.aug.solarize_prob)
+                            solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std)
     peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
     optimizer = create_optimizer(cfg.optim.name, model, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-                                 momentum=cfg.optim.momentum)
+                                 momentum=cfg.optim.momentum, decay_norm_bias=cfg.optim.decay_norm_bias,
+                                 own_groups=online_classifier_group(cfg))
     total_steps = cfg.train.epochs * sampler.steps_per_epoch
     schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=round(cfg.optim.warmup_epochs * sampler.steps_per_epoch),
                        total_steps=total_steps, min_lr=cfg.optim.min_lr_ratio * peak_lr)
@@ -103,7 +108,7 @@ def main(argv: Sequence[str]) -> dict:
                             **run_facts(device))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     metrics.truncate_after(step if resume is not None else -1)
-    knn = partial(knn_eval, model.encoder, train_images, train_labels, val_images, val_labels, cfg, augment, dtype)
+    monitor = partial(monitor_metrics, model, splits, cfg, dtype)
     if wandb_run is not None and step == 0:  # what the encoder is shown: the first step's view pairs
         first = train_images[sampler.permutation(0)[:16].to(device)]
         view1, view2 = augment(first, seeded_generator(device, "augment", cfg.seed, 0))
@@ -111,25 +116,32 @@ def main(argv: Sequence[str]) -> dict:
                             caption="16 training images, two augmented views each (left, right)")
     started = time.perf_counter()  # time/elapsed_s: wall clock since training began in this process
     if cfg.eval.knn_every and step == 0:
-        best_knn = report(metrics, step, 0, {"knn/top1": knn(), "time/elapsed_s": 0.0})
+        best_knn = report(metrics, step, 0, {**monitor(), "time/elapsed_s": 0.0}).get("knn/top1")
 
     # ---------------------------------------------------------------- train
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
-        loss_sum, tick, steps_since = torch.zeros((), device=device), time.perf_counter(), 0
+        loss_sum, online_correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+        tick, steps_since = time.perf_counter(), 0
         batches = sampler.batches(epoch, device)
         if sys.stderr.isatty() and dist.is_main():
             batches = tqdm(batches, total=sampler.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
         for idx in batches:
             lr = schedule(step)
             g = seeded_generator(device, "augment", cfg.seed, step)
-            out = train_step(step_fn, optimizer, augment, train_images[idx], g, lr, device, dtype)
+            out = train_step(step_fn, optimizer, augment, train_images[idx], g, lr, device, dtype,
+                             labels=train_labels[idx] if cfg.eval.online_linear else None)
             loss_sum += out["loss"].detach()
+            if "online_correct" in out:
+                online_correct += out["online_correct"]
             step, steps_since = step + 1, steps_since + 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
                 loss = check_finite(dist.all_reduce_mean(loss_sum).item() / steps_since, step, run_dir, wandb_run)
                 views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
+                if cfg.eval.online_linear:  # on this rank's augmented views of the last steps
+                    stats["online/train_top1"] = 100.0 * online_correct.item() / (2 * len(idx) * steps_since)
+                    online_correct.zero_()
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
                     "train/loss": loss, "train/lr": lr, "train/base_lr": cfg.optim.base_lr,
                     "train/views_per_s": views_per_s, "time/elapsed_s": time.perf_counter() - started, **stats})
@@ -141,8 +153,9 @@ def main(argv: Sequence[str]) -> dict:
                 steps_since, tick = 0, time.perf_counter()
         done = epoch + 1
         if cfg.eval.knn_every and (done % cfg.eval.knn_every == 0 or done == cfg.train.epochs):
-            top1 = report(metrics, step, done, {"knn/top1": knn(), "time/elapsed_s": time.perf_counter() - started})
-            best_knn = top1 if best_knn is None else max(best_knn, top1)
+            top1 = report(metrics, step, done, {**monitor(), "time/elapsed_s": time.perf_counter() - started}
+                          ).get("knn/top1")
+            best_knn = max(best_knn, top1) if None not in (best_knn, top1) else top1
         if done % cfg.run.ckpt_every == 0 or done == cfg.train.epochs:
             save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn, wandb_run)
 
@@ -151,20 +164,20 @@ def main(argv: Sequence[str]) -> dict:
                **final_knn(metrics)}
     if best_knn is not None:
         summary["knn/best_top1"] = best_knn
+    if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
+        summary.update(online_classifier_results(model, splits, dtype))
     if dist.is_main():
         save_encoder(run_dir / "encoder.pt", model.encoder, cfg)
         summary["encoder_sha256"] = sha256_of(run_dir / "encoder.pt")  # what evaluations name as their checkpoint
         if cfg.eval.linear_at_end:
-            splits = LabeledSplits(train_images, train_labels, val_images, val_labels, data.test_images.to(device),
-                                   data.test_labels.to(device), list(data.classes), augment.mean, augment.std)
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
         if wandb_run is not None:
-            if len(val_labels):  # the final encoder's validation features, for W&B's embedding projector
+            if len(splits.val_labels):  # the final encoder's validation features, for W&B's embedding projector
                 shown = slice(0, EMBEDDING_IMAGES)
-                features = extract_features(model.encoder, val_images[shown], mean=augment.mean, std=augment.std,
+                features = extract_features(model.encoder, splits.val_images[shown], mean=splits.mean, std=splits.std,
                                             dtype=dtype)
-                wandb_run.log_embeddings("val/embeddings", features, val_labels[shown], list(data.classes), step,
+                wandb_run.log_embeddings("val/embeddings", features, splits.val_labels[shown], splits.classes, step,
                                          cfg.train.epochs)
             wandb_run.log_encoder(run_dir / "encoder.pt", run_dir.name, {"git_sha": git_sha(), **summary})
             wandb_run.summarize(summary)
@@ -178,35 +191,48 @@ def main(argv: Sequence[str]) -> dict:
 EMBEDDING_IMAGES = 1000  # validation images in the W&B embedding table at the end of pretraining
 
 
-def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> SimCLR:
+def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = torch.float32,
+                num_classes: Optional[int] = None) -> SimCLR:
     """Encoder + projection head + loss settings from the config, on ``device``; global batch norm under torchrun.
+    ``num_classes`` adds the online linear classifier (eval.online_linear).
 
     Parameters are fp64 when ``dtype`` is (train.precision=fp64), fp32 otherwise (bf16 is autocast); on CUDA the
     model is channels_last (NHWC: the layout cuDNN's fastest convolutions and bf16 tensor cores want)."""
     encoder = create_encoder(cfg.model.arch, cfg.model.width)
     hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
-    head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers)
-    model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1)
+    head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers,
+                           hidden_bn=cfg.model.proj_bn, out_bn=cfg.model.proj_out_bn)
+    model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1,
+                   forward_views=cfg.model.forward_views, num_classes=num_classes)
     if cfg.model.sync_bn and dist.world_size() > 1:  # statistics over the global batch, as in the paper
         model = convert_to_global_bn(model, device)
     model = model.to(device, dtype=torch.float64 if dtype == torch.float64 else None)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
+def online_classifier_group(cfg: PretrainConfig) -> Optional[dict]:
+    """The online classifier's own parameter group: its lr (eval.online_lr, scaled by batch like optim.base_lr)
+    follows the same warm-up + cosine shape; no weight decay, no LARS adaptation (solo-learn's set-up)."""
+    if not cfg.eval.online_linear:
+        return None
+    return {"classifier.": {"weight_decay": 0.0, "always_adapt": False,
+                            "lr_scale": cfg.eval.online_lr / cfg.optim.base_lr}}
+
+
 def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch.Generator, lr: float,
-               device: torch.device, dtype: torch.dtype) -> dict:
-    """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W]; returns the model's output."""
+               device: torch.device, dtype: torch.dtype, labels: Optional[torch.Tensor] = None) -> dict:
+    """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W] (labels [B]: only for the online
+    classifier); returns the model's output."""
     view1, view2 = augment(images, generator, shard=(dist.rank(), dist.world_size()))
     optimizer.zero_grad(set_to_none=True)
-    out = forward_backward(model, view1, view2, device, dtype)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    out = forward_backward(model, view1, view2, device, dtype, labels)
+    set_lr(optimizer, lr)
     optimizer.step()
     return out
 
 
-def forward_backward(model, view1: torch.Tensor, view2: torch.Tensor, device: torch.device, dtype: torch.dtype
-                     ) -> dict:
+def forward_backward(model, view1: torch.Tensor, view2: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                     labels: Optional[torch.Tensor] = None) -> dict:
     """Loss of two view batches [B, 3, H, W] in the run's precision and memory layout, and its backward pass;
     returns the model's output (gradients accumulate into the parameters)."""
     if dtype == torch.float64:  # train.precision=fp64: the whole model in double precision
@@ -214,35 +240,66 @@ def forward_backward(model, view1: torch.Tensor, view2: torch.Tensor, device: to
     if device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
     with autocast(device, dtype):
-        out = model(view1, view2)
-    out["loss"].backward()
+        out = model(view1, view2, labels)
+    # The online classifier's loss reaches only its own weights (its input is detached).
+    (out["loss"] + out["online_loss"] if "online_loss" in out else out["loss"]).backward()
     return out
 
 
-def knn_eval(encoder, bank_images, bank_labels, val_images, val_labels, cfg, augment, dtype) -> float:
-    """kNN top-1 (%) on the validation split with the training images as the memory bank."""
+def monitor_metrics(model: SimCLR, splits: LabeledSplits, cfg: PretrainConfig, dtype: torch.dtype) -> dict:
+    """What each evaluation during pretraining logs: kNN top-1 (%) on the validation split with the training images
+    as the bank (``knn/top1``), the online classifier's validation top-1 (``online/val_top1``) and, as a monitoring
+    option only, kNN top-1 on the test split (``knn_test/top1``, eval.knn_test_monitor). One extraction per split."""
     # Under torchrun each rank extracts its share of the images; the features are gathered back in order.
-    features = partial(extract_features_sharded, encoder, mean=augment.mean, std=augment.std, dtype=dtype)
-    bank, queries = features(bank_images), features(val_images)
-    num_classes = int(bank_labels.max()) + 1
-    return knn_top1(bank, bank_labels, queries, val_labels, num_classes=num_classes, k=cfg.eval.knn_k,
-                    temperature=cfg.eval.knn_temperature)
+    features = partial(extract_features_sharded, model.encoder, mean=splits.mean, std=splits.std, dtype=dtype)
+    vote = partial(knn_top1, features(splits.train_images), splits.train_labels, num_classes=splits.num_classes,
+                   k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, vote=cfg.eval.knn_vote)
+    values = {}
+    if len(splits.val_labels):
+        val = features(splits.val_images)
+        values["knn/top1"] = vote(val, splits.val_labels)
+        if model.classifier is not None:
+            values["online/val_top1"] = online_top1(model, val, splits.val_labels)
+    if cfg.eval.knn_test_monitor:
+        values["knn_test/top1"] = vote(features(splits.test_images), splits.test_labels)
+    return values
 
 
-def report(metrics: MetricsLog, step: int, epoch: float, values: dict) -> float:
-    """Log evaluation metrics and print them; returns the first value."""
+@torch.no_grad()
+def online_top1(model: SimCLR, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 (%) of the online classifier on clean features [N, d] (eval-mode encoder)."""
+    return topk_accuracy(model.classifier(features.to(model.classifier.weight.dtype)), labels)
+
+
+def online_classifier_results(model: SimCLR, splits: LabeledSplits, dtype: torch.dtype) -> dict:
+    """The online classifier scored once at the end: validation and test top-1 (%)."""
+    features = partial(extract_features_sharded, model.encoder, mean=splits.mean, std=splits.std, dtype=dtype)
+    results = {"online/test_top1": online_top1(model, features(splits.test_images), splits.test_labels)}
+    if len(splits.val_labels):
+        results["online/val_top1"] = online_top1(model, features(splits.val_images), splits.val_labels)
+    return results
+
+
+def report(metrics: MetricsLog, step: int, epoch: float, values: dict) -> dict:
+    """Log evaluation metrics and print them; returns ``values``."""
     record = metrics.log(step, epoch, values)
     if dist.is_main():
         print(format_metrics(record), flush=True)
-    return next(iter(values.values()))
+    return values
 
 
 def final_knn(metrics: MetricsLog) -> dict:
-    """kNN top-1 at initialization and at the end, read back from metrics.jsonl (the source of truth)."""
+    """kNN top-1 at initialization and at the end, read back from metrics.jsonl (the source of truth); with the
+    test monitor also its last value and lightly's maximum over epochs (optimistic: chosen on the test split)."""
     if not metrics.path.is_file():
         return {}
-    knn = [json.loads(line) for line in metrics.path.read_text().splitlines() if '"knn/top1"' in line]
-    return {"knn/init_top1": knn[0]["knn/top1"], "knn/top1": knn[-1]["knn/top1"]} if knn else {}
+    records = [json.loads(line) for line in metrics.path.read_text().splitlines() if '"knn' in line]
+    knn = [r["knn/top1"] for r in records if "knn/top1" in r]
+    test = [r["knn_test/top1"] for r in records if "knn_test/top1" in r]
+    summary = {"knn/init_top1": knn[0], "knn/top1": knn[-1]} if knn else {}
+    if test:
+        summary.update({"knn_test/top1": test[-1], "knn_test/max_top1": max(test)})
+    return summary
 
 
 def linear_probe_at_end(cfg: PretrainConfig, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype,
@@ -283,9 +340,11 @@ def save_checkpoint(path: Path, model: SimCLR, optimizer, cfg: PretrainConfig, s
 
 
 def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig) -> None:
-    """Backbone weights plus what rebuilds it: ``create_encoder(**file["arch"])``."""
+    """Backbone weights plus what rebuilds it, ``create_encoder(**file["arch"])``, and the input normalization it
+    expects (``file["normalize"]``: a name of ``augment.NORMALIZATIONS``)."""
     atomic_save({"encoder": encoder.state_dict(), "arch": {"arch": cfg.model.arch, "width": cfg.model.width},
-                 "feature_dim": encoder.feature_dim, "config": to_dict(cfg), "git_sha": git_sha()}, path)
+                 "normalize": cfg.aug.normalize, "feature_dim": encoder.feature_dim, "config": to_dict(cfg),
+                 "git_sha": git_sha()}, path)
 
 
 def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:

@@ -11,6 +11,11 @@ from augment import ops
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The encoder's input normalization by name (config aug.normalize): (mean, std) per RGB channel of pixels in [0, 1].
+NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                  "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
 @dataclass

@@ -30,6 +30,9 @@ class ModelConfig:
     proj_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLR v2 head
     proj_hidden_dim: Optional[int] = None  # None = the encoder's feature dimension
     proj_dim: int = 128
+    proj_bn: bool = True  # batch norm after each hidden linear of the head (SimCLR); false: Linear-ReLU (dkobak)
+    proj_out_bn: bool = False  # batch norm on the head's output too (lightly's cifar10 benchmark)
+    forward_views: str = "joint"  # joint: one forward of both views (shared batch statistics) | separate: one per view
     sync_bn: bool = True  # global batch norm across processes (ResNets, world size > 1)
 
 
@@ -47,6 +50,7 @@ class AugConfig:
     gray_prob: float = 0.2
     blur_prob: float = 0.0  # off for CIFAR (paper B.9)
     solarize_prob: float = 0.0
+    normalize: str = "cifar"  # the encoder's input normalization: cifar | imagenet | none (pixels in [0, 1])
 
 
 @dataclass
@@ -67,13 +71,20 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio x effective lr
     nesterov: bool = False  # sgd only
+    decay_norm_bias: bool = False  # also decay (and LARS-adapt) biases, norm parameters and ViT tokens
 
 
 @dataclass
 class EvalConfig:
     knn_every: int = 10  # epochs between kNN evaluations on the validation split; 0 = off
     knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_temperature: float = 0.1  # weighted vote: each neighbour counts exp(cosine / T)
+    knn_vote: str = "weighted"  # weighted (Wu et al. 2018, lightly) | majority (one vote per neighbour, dkobak)
+    # Monitoring only: also score each kNN evaluation on the test split (lightly reports the maximum over epochs of
+    # this). Optimistic; never a result on its own. Logged as knn_test/top1; summary knn_test/top1, knn_test/max_top1.
+    knn_test_monitor: bool = False
+    online_linear: bool = False  # a linear classifier trained beside pretraining on stop-gradient encoder features
+    online_lr: float = 0.1  # its base lr (x global batch / 256), own parameter group: no weight decay, no LARS
     linear_at_end: bool = False  # run the linear probe (probe.*) on the final encoder; results.json in the run dir
 
 
@@ -137,7 +148,8 @@ class FinetuneEvalConfig:
     augment: bool = False  # linear: random crop + flip with features computed on the fly
     val_every: int = 10  # finetune: epochs between validation measurements; 0 = at the end only
     knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_temperature: float = 0.1  # weighted vote: each neighbour counts exp(cosine / T)
+    knn_vote: str = "weighted"  # weighted | majority (one vote per neighbour; with knn_k=10: dkobak's protocol)
 
 
 @dataclass
@@ -177,6 +189,9 @@ CHOICES = {
     "optim.name": ("lars", "sgd", "adamw"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "eval.mode": ("linear", "finetune", "knn"),
+    "eval.knn_vote": ("weighted", "majority"),
+    "model.forward_views": ("joint", "separate"),
+    "aug.normalize": ("cifar", "imagenet", "none"),
     "run.backend": ("auto", "nccl", "gloo"),
 }
 
@@ -206,6 +221,7 @@ RANGES = {
     "eval.knn_every": (0, None, True),
     "eval.knn_k": (1, None, True),
     "eval.knn_temperature": (0, None, False),
+    "eval.online_lr": (0, None, False),
     "eval.label_fraction": (0, 1, False),
     "eval.val_every": (0, None, True),
     "probe.epochs": (1, None, True),

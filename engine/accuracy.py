@@ -7,9 +7,13 @@ import torch
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    """Percent of rows whose label is among the k highest scores. scores: [N, C], labels: int64 [N]."""
+    """Percent of rows whose label is among the k highest scores. scores: [N, C], labels: int64 [N].
+
+    Ties go to the lower class index (a stable sort; ``topk`` promises no order among equal scores), as argmax and
+    scikit-learn do: majority-vote kNN scores are small integers and tie often."""
     k = min(k, scores.shape[1])
-    hits = (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    top = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    hits = (top == labels[:, None]).any(dim=1)
     return round(100.0 * hits.double().mean().item(), 4)
 
 

@@ -74,6 +74,7 @@ class EncoderFile:
     width: Optional[int]
     path: Path  # the file actually read
     run_name: str  # the pretraining run directory's name (for default evaluation names)
+    normalize: str = "cifar"  # the input normalization it was trained with (aug.normalize; older files: cifar)
 
 
 def read_encoder(spec: str) -> EncoderFile:
@@ -88,17 +89,19 @@ def read_encoder(spec: str) -> EncoderFile:
     state = load_file(path)
     if "encoder" in state and "arch" in state:  # encoder.pt
         encoder_state, arch = state["encoder"], state["arch"]
+        normalize = state.get("normalize", "cifar")
         run_dir = path.parent
     elif "model" in state and "config" in state:  # a pretraining checkpoint: the SimCLR module's state
         encoder_state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
         arch = {"arch": state["config"]["model"]["arch"], "width": state["config"]["model"].get("width")}
+        normalize = state["config"].get("aug", {}).get("normalize", "cifar")
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     else:
         raise UserError(f"{str(path)!r} is neither an encoder.pt nor a pretraining checkpoint "
                         f"(keys: {', '.join(sorted(map(str, state))[:6])})")
     if not encoder_state:
         raise UserError(f"{str(path)!r} holds no encoder weights")
-    return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name)
+    return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

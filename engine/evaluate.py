@@ -55,16 +55,17 @@ class EvalOutcome:
     extra: dict = field(default_factory=dict)  # mode-specific record, e.g. the chosen weight decay
 
 
-def knn_evaluation(encoder: nn.Module, splits: LabeledSplits, *, k: int, temperature: float,
+def knn_evaluation(encoder: nn.Module, splits: LabeledSplits, *, k: int, temperature: float, vote: str = "weighted",
                    dtype: torch.dtype) -> EvalOutcome:
-    """Weighted kNN with the labeled training images as the bank (the same code as the pretraining monitor)."""
+    """kNN (weighted or majority vote) with the labeled training images as the bank (the same code as the
+    pretraining monitor). With data.val_size=0 the bank is all training images, as in the peers' protocols."""
     features = partial(extract_features_sharded, encoder, mean=splits.mean, std=splits.std, dtype=dtype)
     bank = features(splits.train_images)
-    vote = partial(knn_predict, bank, splits.train_labels, num_classes=splits.num_classes, k=k,
-                   temperature=temperature)
-    val_top1 = topk_accuracy(vote(features(splits.val_images)), splits.val_labels) if len(splits.val_labels) else None
-    return EvalOutcome(vote(features(splits.test_images)), val_top1, len(splits.train_labels),
-                       {"knn/k": k, "knn/temperature": temperature})
+    scores = partial(knn_predict, bank, splits.train_labels, num_classes=splits.num_classes, k=k,
+                     temperature=temperature, vote=vote)
+    val_top1 = topk_accuracy(scores(features(splits.val_images)), splits.val_labels) if len(splits.val_labels) else None
+    return EvalOutcome(scores(features(splits.test_images)), val_top1, len(splits.train_labels),
+                       {"knn/k": k, "knn/temperature": temperature, "knn/vote": vote})
 
 
 def check_probe_config(cfg: ProbeConfig, val_size: int) -> None:

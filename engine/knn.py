@@ -40,21 +40,29 @@ def extract_features_sharded(encoder: nn.Module, images: torch.Tensor, **kw) -> 
     return dist.all_gather_cat(extract_features(encoder, images[own], **kw))[:n]
 
 
+VOTES = ("weighted", "majority")
+
+
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Class scores [Q, C]: each query's k most cosine-similar bank rows vote with weight exp(similarity / T).
+                k: int = 200, temperature: float = 0.1, vote: str = "weighted", chunk: int = 1024) -> torch.Tensor:
+    """Class scores [Q, C] from each query's k most cosine-similar bank rows.
 
-    bank: [M, d], bank_labels: int64 [M], queries: [Q, d].
+    vote: "weighted" (Wu et al. 2018; lightly's and solo-learn's monitor): each neighbour adds exp(similarity / T)
+    to its class; "majority": each adds 1 (scikit-learn's ``KNeighborsClassifier(k, metric="cosine")``, dkobak's
+    protocol; ties go to the lowest class index, as there). bank: [M, d], bank_labels: int64 [M], queries: [Q, d].
     """
+    if vote not in VOTES:
+        raise ValueError(f"unknown kNN vote {vote!r}; choose one of {', '.join(VOTES)}")
     bank = F.normalize(bank.float(), dim=1)
     k = min(k, bank.shape[0])
     scores = []
     for start in range(0, queries.shape[0], chunk):  # bounds memory at chunk x M similarities
         q = F.normalize(queries[start:start + chunk].float(), dim=1)
         sims, idx = (q @ bank.T).topk(k, dim=1)
+        weights = (sims / temperature).exp() if vote == "weighted" else torch.ones_like(sims)
         votes = torch.zeros(q.shape[0], num_classes, device=q.device)
-        scores.append(votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp()))
+        scores.append(votes.scatter_add_(1, bank_labels[idx], weights))
     return torch.cat(scores)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -24,28 +24,50 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two groups: weights of convs and linears (decayed, LARS-adapted), and biases, norm parameters and ViT
-    position/class tokens (no decay, no LARS adaptation), as in the SimCLR and BYOL recipes."""
-    decay, no_decay = [], []
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to ``lr`` times the group's own ``lr_scale`` (default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_bias: bool = False,
+                 own_groups: Optional[Mapping[str, dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """Weights of convs and linears (decayed, LARS-adapted), and biases, norm parameters and ViT position/class
+    tokens (no decay, no LARS adaptation, as in the SimCLR and BYOL recipes; ``decay_norm_bias`` puts them in the
+    decayed group instead, as plain ``SGD(model.parameters(), weight_decay=...)`` does in dkobak's and lightly's code).
+
+    own_groups: parameter-name prefix -> options of a group of its own (e.g. ``{"classifier.": {"weight_decay": 0.0,
+    "lr_scale": 2.0}}``); those parameters join no other group. Empty groups are left out.
+    """
+    own_groups = dict(own_groups or {})
+    decay, no_decay, own = [], [], {prefix: [] for prefix in own_groups}
     skip = set()
     for name, module in model.named_modules():  # timm models list tokens that must not be decayed
         if hasattr(module, "no_weight_decay"):
             skip |= {f"{name}.{n}" if name else n for n in module.no_weight_decay()}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "always_adapt": True},
-            {"params": no_decay, "weight_decay": 0.0, "always_adapt": False}]
+        if not p.requires_grad:
+            continue
+        prefix = next((prefix for prefix in own_groups if name.startswith(prefix)), None)
+        if prefix is not None:
+            own[prefix].append(p)
+        else:
+            (no_decay if (p.ndim <= 1 or name in skip) and not decay_norm_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "always_adapt": True},
+              {"params": no_decay, "weight_decay": 0.0, "always_adapt": False}]
+    groups += [{"weight_decay": 0.0, "always_adapt": False, **own_groups[prefix], "params": params}
+               for prefix, params in own.items()]
+    return [g for g in groups if g["params"]]
 
 
 def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9,
-                     nesterov: bool = False) -> torch.optim.Optimizer:
+                     nesterov: bool = False, decay_norm_bias: bool = False,
+                     own_groups: Optional[Mapping[str, dict[str, Any]]] = None) -> torch.optim.Optimizer:
     """LARS (timm; trust coefficient 1e-3), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups`.
 
-    LARS adapts exactly the decayed group (``always_adapt`` per group), also when weight_decay is 0.
+    LARS adapts exactly the groups marked ``always_adapt`` (the decayed one), also when weight_decay is 0.
     """
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, decay_norm_bias=decay_norm_bias, own_groups=own_groups)
     if name == "lars":
         from timm.optim import Lars  # timm loads only when LARS is used (after engine.tracking.keep_wandb_out)
 

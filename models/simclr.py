@@ -1,28 +1,51 @@
 """SimCLR as one module: two views in, the loss and what we monitor out."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from losses import nt_xent
 
 
 class SimCLR(nn.Module):
-    """encoder -> projection head -> NT-Xent on the two views' embeddings."""
+    """encoder -> projection head -> NT-Xent on the two views' embeddings.
+
+    forward_views: "joint" sends both views through the encoder as one batch of 2B (one set of batch-norm
+    statistics); "separate" runs one forward per view, as dkobak's and lightly's code do (each view batch is
+    normalized with its own statistics). ``num_classes`` adds an online linear classifier on stop-gradient encoder
+    features: it learns beside pretraining and never sends a gradient into the encoder.
+    """
 
     def __init__(self, encoder: nn.Module, head: nn.Module, temperature: float, *, loss_impl: str = "auto",
-                 gather: bool = False) -> None:
+                 gather: bool = False, forward_views: str = "joint", num_classes: Optional[int] = None) -> None:
         super().__init__()
+        if forward_views not in ("joint", "separate"):
+            raise ValueError(f"forward_views={forward_views!r}; choose joint or separate")
         self.encoder, self.head = encoder, head
         self.temperature, self.loss_impl, self.gather = temperature, loss_impl, gather
+        self.forward_views = forward_views
+        self.classifier = nn.Linear(encoder.feature_dim, num_classes) if num_classes else None
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """views: [B, 3, H, W] each -> {"loss": scalar, "z1", "z2": detached embeddings [B, proj_dim]}.
-
-        Both views go through the encoder as one batch of 2B, so batch-norm statistics cover both views.
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, labels: Optional[torch.Tensor] = None
+                ) -> Dict[str, torch.Tensor]:
+        """views: [B, 3, H, W] each; labels: int64 [B] (used by the online classifier only) ->
+        {"loss": NT-Xent scalar, "z1", "z2": detached embeddings [B, proj_dim]} plus, with the online classifier and
+        labels, "online_loss" (cross-entropy over both views, to be added to the loss) and "online_correct" (count).
         """
-        z1, z2 = self.head(self.encoder(torch.cat([view1, view2]))).chunk(2)
+        if self.forward_views == "joint":
+            h = self.encoder(torch.cat([view1, view2]))
+            z1, z2 = self.head(h).chunk(2)
+        else:
+            h1, h2 = self.encoder(view1), self.encoder(view2)
+            h, z1, z2 = torch.cat([h1, h2]), self.head(h1), self.head(h2)
         loss = nt_xent(z1, z2, self.temperature, gather=self.gather, impl=self.loss_impl)
-        return {"loss": loss, "z1": z1.detach(), "z2": z2.detach()}
+        out = {"loss": loss, "z1": z1.detach(), "z2": z2.detach()}
+        if self.classifier is not None and labels is not None:
+            logits = self.classifier(h.detach()).float()  # stop-gradient: the encoder learns from NT-Xent alone
+            targets = labels.repeat(2)
+            out["online_loss"] = F.cross_entropy(logits, targets)
+            out["online_correct"] = (logits.argmax(dim=1) == targets).sum()
+        return out

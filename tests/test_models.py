@@ -56,3 +56,48 @@ def test_simclr_with_a_vit_trains_one_step():
     out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and enc.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("hidden_bn, out_bn, layout", [
+    (True, False, [("Linear", False), ("BatchNorm1d",), ("ReLU",), ("Linear", True)]),  # SimCLR v1 (default)
+    (False, False, [("Linear", True), ("ReLU",), ("Linear", True)]),  # dkobak
+    (True, True, [("Linear", False), ("BatchNorm1d",), ("ReLU",), ("Linear", False), ("BatchNorm1d",)]),  # lightly
+])
+def test_projection_head_variants(hidden_bn, out_bn, layout):
+    head = projection_head(64, 32, 16, hidden_bn=hidden_bn, out_bn=out_bn)
+    got = [(type(m).__name__, m.bias is not None) if isinstance(m, torch.nn.Linear) else (type(m).__name__,)
+           for m in head]
+    assert got == layout  # a linear has a bias exactly where no batch norm follows it
+    assert head(torch.randn(4, 64)).shape == (4, 16)
+
+
+def _tiny_simclr(**kw):
+    torch.manual_seed(0)
+    enc = create_encoder("resnet18", width=4)
+    return SimCLR(enc, projection_head(enc.feature_dim, 32, 16), temperature=0.5, **kw)
+
+
+def test_separate_view_forwards_differ_from_joint_only_through_batch_statistics():
+    joint, separate = _tiny_simclr(), _tiny_simclr(forward_views="separate")
+    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    joint.eval(), separate.eval()  # running statistics: the same function of each image
+    torch.testing.assert_close(joint(v1, v2)["loss"], separate(v1, v2)["loss"])
+    joint.train(), separate.train()
+    assert not torch.allclose(joint(v1, v2)["loss"], separate(v1, v2)["loss"])  # train mode: per-view statistics
+    with pytest.raises(ValueError, match="forward_views"):
+        _tiny_simclr(forward_views="both")
+
+
+def test_online_classifier_learns_without_touching_the_encoder_gradient():
+    plain, online = _tiny_simclr(), _tiny_simclr(num_classes=10)
+    v1, v2, labels = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    reference = plain(v1, v2)
+    out = online(v1, v2, labels)
+    assert out["online_correct"].dtype == torch.long and 0 <= int(out["online_correct"]) <= 16
+    torch.testing.assert_close(out["loss"], reference["loss"])  # the NT-Xent is untouched
+    (out["loss"] + out["online_loss"]).backward()
+    reference["loss"].backward()
+    for (name, p), q in zip(online.encoder.named_parameters(), plain.encoder.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)  # stop-gradient: identical encoder gradients
+    assert online.classifier.weight.grad.abs().sum() > 0 and online.head[0].weight.grad is not None
+    assert "online_loss" not in online(v1, v2)  # no labels, no classifier loss

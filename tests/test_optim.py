@@ -59,3 +59,22 @@ def test_lars_adapts_weights_but_not_biases_even_without_weight_decay():
     trust = 1e-3 * w0.norm() / torch.ones_like(w0).norm()  # LARS: lr x trust_coeff x |w| / |g|
     torch.testing.assert_close(lin.weight.detach(), w0 - trust)
     torch.testing.assert_close(lin.bias.detach(), b0 - 1.0)
+
+
+def test_decay_norm_bias_decays_every_parameter_in_one_group():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    (group,) = param_groups(model, 5e-4, decay_norm_bias=True)  # SGD(model.parameters(), weight_decay=5e-4)
+    assert group["weight_decay"] == 5e-4 and len(group["params"]) == 4
+
+
+def test_own_group_takes_its_prefix_and_set_lr_scales_it():
+    from engine.optim import set_lr
+
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "classifier": torch.nn.Linear(4, 2)})
+    opt = create_optimizer("sgd", model, lr=1.0, weight_decay=1e-4,
+                           own_groups={"classifier.": {"weight_decay": 0.0, "lr_scale": 0.25}})
+    decay, no_decay, own = opt.param_groups
+    assert own["params"] == [model["classifier"].weight, model["classifier"].bias] and own["weight_decay"] == 0.0
+    assert decay["params"] == [model["body"].weight] and no_decay["params"] == [model["body"].bias]
+    set_lr(opt, 0.4)
+    assert (decay["lr"], no_decay["lr"], own["lr"]) == (0.4, 0.4, 0.1)
