@@ -80,8 +80,9 @@ def main(argv: Sequence[str]) -> dict:
                             solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std)
     peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
     optimizer = create_optimizer(cfg.optim.name, model, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-                                 momentum=cfg.optim.momentum, decay_norm_bias=cfg.optim.decay_norm_bias,
-                                 own_groups=online_classifier_group(cfg))
+                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                                 decay_norm_bias=cfg.optim.decay_norm_bias, own_groups=online_classifier_group(cfg),
+                                 trust_coeff=cfg.optim.lars_trust_coeff, trust_clip=cfg.optim.lars_trust_clip)
     total_steps = cfg.train.epochs * sampler.steps_per_epoch
     schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=round(cfg.optim.warmup_epochs * sampler.steps_per_epoch),
                        total_steps=total_steps, min_lr=cfg.optim.min_lr_ratio * peak_lr)

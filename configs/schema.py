@@ -71,6 +71,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio x effective lr
     nesterov: bool = False  # sgd only
+    lars_trust_coeff: float = 1e-3  # lars only: local lr = trust_coeff x |w| / |g| (solo-learn's CIFAR recipe: 0.02)
+    lars_trust_clip: bool = False  # lars only: clip the local lr at the global one (LARC; solo-learn's clip_lr)
     decay_norm_bias: bool = False  # also decay (and LARS-adapt) biases, norm parameters and ViT tokens
 
 
@@ -218,6 +220,7 @@ RANGES = {
     "optim.momentum": (0, 1, True),
     "optim.warmup_epochs": (0, None, True),
     "optim.min_lr_ratio": (0, 1, True),
+    "optim.lars_trust_coeff": (0, None, False),
     "eval.knn_every": (0, None, True),
     "eval.knn_k": (1, None, True),
     "eval.knn_temperature": (0, None, False),

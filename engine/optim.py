@@ -62,16 +62,19 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_bias: bool
 
 def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9,
                      nesterov: bool = False, decay_norm_bias: bool = False,
-                     own_groups: Optional[Mapping[str, dict[str, Any]]] = None) -> torch.optim.Optimizer:
-    """LARS (timm; trust coefficient 1e-3), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups`.
+                     own_groups: Optional[Mapping[str, dict[str, Any]]] = None, trust_coeff: float = 1e-3,
+                     trust_clip: bool = False) -> torch.optim.Optimizer:
+    """LARS (timm's), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups`.
 
-    LARS adapts exactly the groups marked ``always_adapt`` (the decayed one), also when weight_decay is 0.
+    LARS adapts exactly the groups marked ``always_adapt`` (the decayed one), also when weight_decay is 0, with
+    local lr trust_coeff x |w| / |g|, clipped at the global lr when ``trust_clip`` (LARC).
     """
     groups = param_groups(model, weight_decay, decay_norm_bias=decay_norm_bias, own_groups=own_groups)
     if name == "lars":
         from timm.optim import Lars  # timm loads only when LARS is used (after engine.tracking.keep_wandb_out)
 
-        return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=1e-3)
+        return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=trust_coeff,
+                    trust_clip=trust_clip)
     for g in groups:
         g.pop("always_adapt")
     if name == "sgd":

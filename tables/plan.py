@@ -111,8 +111,8 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], runs_dir: str, extra: Sequ
     run_dir = str(Path(runs_dir) / spec.name)
     for row in spec.rows:
         for seed in seeds:
-            pre_args = _stage_args(spec.pretrain.recipe, spec.shared, spec.pretrain.overrides, row.pretrain,
-                                   seed, _keys_of(PretrainConfig, extra))
+            pre_args = _stage_args(row.recipe or spec.pretrain.recipe, spec.shared, spec.pretrain.overrides,
+                                   row.pretrain, seed, _keys_of(PretrainConfig, extra))
             pre_cfg = _resolve(pre_args, PretrainConfig, spec, row)
             pretraining = None
             if not row.from_scratch:

@@ -94,6 +94,7 @@ def published_text(cell: Cell) -> str:
 def setting_text(row: Row) -> str:
     """What sets the row apart: its overrides, or 'no pretraining'."""
     parts = ["no pretraining (random init)"] if row.from_scratch else []
+    parts += [f"recipe `{Path(row.recipe).name}`"] if row.recipe else []
     parts += [f"`{o}`" for o in row.pretrain]
     parts += [f"`{o}` ({name})" for name, overrides in row.evaluations.items() for o in overrides]
     return "; ".join(filter(None, [", ".join(parts) or "base recipe", row.note]))

@@ -58,6 +58,7 @@ class Published:
 @dataclass
 class Row:
     name: str = MISSING
+    recipe: Optional[str] = None  # this row's pretraining recipe file (None = the table's pretrain.recipe)
     pretrain: List[str] = field(default_factory=list)  # overrides of the pretraining run
     from_scratch: bool = False  # no pretraining: evaluations start from random weights of the same encoder
     evaluations: Dict[str, List[str]] = field(default_factory=dict)  # extra overrides per evaluation
@@ -127,6 +128,7 @@ def check_table(spec: TableSpec, path: Path) -> None:
     """Cross-references a typed load cannot see: columns, evaluations, recipes, names, published values."""
     where = f"table spec {str(path)!r}"
     recipes = [spec.pretrain.recipe] + [stage.recipe for stage in spec.evaluations.values()]
+    recipes += [row.recipe for row in spec.rows]
     for recipe in filter(None, recipes):
         if not (REPO / recipe).is_file():
             raise UserError(f"{where}: recipe {recipe!r} does not exist")
