@@ -36,6 +36,7 @@ from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn
+from models.view_bn import per_view_batch_norm
 
 
 def main(argv: Sequence[str]) -> dict:
@@ -49,6 +50,10 @@ def main(argv: Sequence[str]) -> dict:
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     if cfg.eval.linear_at_end:
         check_probe_config(cfg.probe, cfg.data.val_size)
+    if cfg.model.forward_views == "separate" and cfg.model.sync_bn and dist.world_size() > 1:
+        raise UserError("model.forward_views=separate computes per-view statistics on each process; global batch norm "
+                        "per view is not implemented: set model.sync_bn=false (the peers' default) or "
+                        "model.forward_views=joint")
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     resume = find_resume_state(cfg, run_dir)  # validated before anything is written
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
@@ -204,9 +209,11 @@ def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = 
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers,
                            hidden_bn=cfg.model.proj_bn, out_bn=cfg.model.proj_out_bn)
     model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1,
-                   forward_views=cfg.model.forward_views, num_classes=num_classes)
+                   num_classes=num_classes)
     if cfg.model.sync_bn and dist.world_size() > 1:  # statistics over the global batch, as in the paper
         model = convert_to_global_bn(model, device)
+    if cfg.model.forward_views == "separate":  # per-view statistics, as the peers' two forward passes give
+        model = per_view_batch_norm(model)
     model = model.to(device, dtype=torch.float64 if dtype == torch.float64 else None)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 

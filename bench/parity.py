@@ -1,6 +1,6 @@
 """Parity harness: does pretrain.py learn what a classic, peer-style SimCLR pipeline learns from the same recipe?
 
-    python bench/parity.py --device cpu --quick          # narrow ResNet-18, 10,000 images, 3 seeds (~25 min, 2 cores)
+    python bench/parity.py --device cpu --quick          # narrow ResNet-18, 10,000 images, 3 seeds (~20 min, 2 cores)
     python bench/parity.py --device cuda --epochs 100 --train-images 45000 --width 64 --batch 512 --seeds 0 1 2
     python bench/parity.py --device cpu --quick --swap augment     # the classic pipeline with our augmentation
 
@@ -54,7 +54,7 @@ from models import create_encoder, projection_head  # noqa: E402
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 SWAPS = ("augment", "loss", "head", "optimizer")
 # --quick: what 2 CPU cores do in under 30 minutes for 3 seeds x 2 pipelines (narrow ResNet-18, 10,000 images).
-QUICK = dict(width=8, train_images=10000, val_images=2000, epochs=4, batch=256, base_lr=0.5)
+QUICK = dict(width=8, train_images=10000, val_images=2000, epochs=8, batch=128, base_lr=0.25)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -32,7 +32,9 @@ class ModelConfig:
     proj_dim: int = 128
     proj_bn: bool = True  # batch norm after each hidden linear of the head (SimCLR); false: Linear-ReLU (dkobak)
     proj_out_bn: bool = False  # batch norm on the head's output too (lightly's cifar10 benchmark)
-    forward_views: str = "joint"  # joint: one forward of both views (shared batch statistics) | separate: one per view
+    # joint: batch norm over both views together | separate: per-view statistics, exactly what one forward pass per
+    # view gives (dkobak, lightly), computed in one pass of both views (models/view_bn.py), so it costs no speed
+    forward_views: str = "joint"
     sync_bn: bool = True  # global batch norm across processes (ResNets, world size > 1)
 
 

@@ -13,20 +13,17 @@ from losses import nt_xent
 class SimCLR(nn.Module):
     """encoder -> projection head -> NT-Xent on the two views' embeddings.
 
-    forward_views: "joint" sends both views through the encoder as one batch of 2B (one set of batch-norm
-    statistics); "separate" runs one forward per view, as dkobak's and lightly's code do (each view batch is
-    normalized with its own statistics). ``num_classes`` adds an online linear classifier on stop-gradient encoder
-    features: it learns beside pretraining and never sends a gradient into the encoder.
+    Both views go through the encoder as one batch of 2B: batch norm sees them together, unless its layers were made
+    per-view (``models.view_bn``: what separate forward passes per view compute). ``num_classes`` adds an online
+    linear classifier on stop-gradient encoder features: it learns beside pretraining and never sends a gradient
+    into the encoder.
     """
 
     def __init__(self, encoder: nn.Module, head: nn.Module, temperature: float, *, loss_impl: str = "auto",
-                 gather: bool = False, forward_views: str = "joint", num_classes: Optional[int] = None) -> None:
+                 gather: bool = False, num_classes: Optional[int] = None) -> None:
         super().__init__()
-        if forward_views not in ("joint", "separate"):
-            raise ValueError(f"forward_views={forward_views!r}; choose joint or separate")
         self.encoder, self.head = encoder, head
         self.temperature, self.loss_impl, self.gather = temperature, loss_impl, gather
-        self.forward_views = forward_views
         self.classifier = nn.Linear(encoder.feature_dim, num_classes) if num_classes else None
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, labels: Optional[torch.Tensor] = None
@@ -35,12 +32,8 @@ class SimCLR(nn.Module):
         {"loss": NT-Xent scalar, "z1", "z2": detached embeddings [B, proj_dim]} plus, with the online classifier and
         labels, "online_loss" (cross-entropy over both views, to be added to the loss) and "online_correct" (count).
         """
-        if self.forward_views == "joint":
-            h = self.encoder(torch.cat([view1, view2]))
-            z1, z2 = self.head(h).chunk(2)
-        else:
-            h1, h2 = self.encoder(view1), self.encoder(view2)
-            h, z1, z2 = torch.cat([h1, h2]), self.head(h1), self.head(h2)
+        h = self.encoder(torch.cat([view1, view2]))  # [2B, d]
+        z1, z2 = self.head(h).chunk(2)
         loss = nt_xent(z1, z2, self.temperature, gather=self.gather, impl=self.loss_impl)
         out = {"loss": loss, "z1": z1.detach(), "z2": z2.detach()}
         if self.classifier is not None and labels is not None:

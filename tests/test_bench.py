@@ -1,8 +1,11 @@
 """The benchmark scripts run on a CPU and print well-formed JSON lines (their figures are not asserted: speed is
 measured by the scripts, not by tests)."""
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -19,3 +22,51 @@ def test_step_benchmark_quick_cpu_run_prints_the_ratio_to_the_dataloader_baselin
     assert all(r["figure"] > 0 and r["shape"] == [32, 3, 32, 32] and r["device"].startswith("cpu") for r in rows)
     ours, base = by_what["step/ours"]["ms"], by_what["step/dataloader_baseline"]["ms"]
     assert abs(by_what["step/speedup_vs_dataloader"]["figure"] - base / ours) < 1e-2 * base / ours + 1e-3
+
+
+@pytest.fixture(scope="module")
+def decoded_cache(tmp_path_factory):
+    """One decode of the archive shared by this module's tests."""
+    return tmp_path_factory.mktemp("decoded")
+
+
+def test_parity_harness_runs_both_pipelines_and_summarizes(archive, decoded_cache, tmp_path):
+    out = tmp_path / "parity.jsonl"
+    result = subprocess.run([sys.executable, "bench/parity.py", "--device", "cpu", "--quick", "--epochs", "1",
+                             "--train-images", "500", "--val-images", "200", "--width", "4", "--batch", "100",
+                             "--seeds", "0", "1", "--workers", "0", "--data", str(archive), "--cache-dir",
+                             str(decoded_cache), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows == [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["what"], r.get("seed")) for r in rows] == [
+        ("parity/knn_init", 0), ("parity/knn_ours", 0), ("parity/knn_classic", 0),
+        ("parity/knn_init", 1), ("parity/knn_ours", 1), ("parity/knn_classic", 1), ("parity/summary", None)]
+    assert all(0 < r["figure"] <= 100 and r["train_images"] == 500 and r["val_images"] == 200 for r in rows[:-1])
+    ours = [r["figure"] for r in rows if r["what"] == "parity/knn_ours"]
+    summary = rows[-1]
+    assert summary["ours_mean"] == pytest.approx(sum(ours) / 2, abs=1e-3)
+    assert summary["within_spread"] == (abs(summary["difference"]) <= 2 * summary["pooled_std"])
+
+
+def test_gpu_accuracy_script_tiny_run_on_cpu(archive, decoded_cache, tmp_path):
+    """bench/gpu_accuracy.sh end to end with --tiny: every stage runs and reports (figures are not asserted)."""
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "bench/gpu_accuracy.sh", str(out), "--tiny", "--cache-dir", str(decoded_cache)],
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PYTHON": sys.executable, "DATA": str(archive)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["what"]: r for r in map(json.loads, (out / "accuracy.jsonl").read_text().splitlines())}
+    assert set(rows) == {"accuracy/kobak-e100/pretrain", "accuracy/kobak-e100/knn10", "accuracy/kobak-e100/linear",
+                         "accuracy/lightly-e200/pretrain", "accuracy/lightly-e200/knn200_max",
+                         "accuracy/lightly-e200/knn200"}
+    assert rows["accuracy/kobak-e100/pretrain"]["status"] == "finished"
+    assert rows["accuracy/kobak-e100/knn10"]["published"] == 83.2 and 0 < rows["accuracy/kobak-e100/knn10"]["figure"]
+    lightly = rows["accuracy/lightly-e200/pretrain"]
+    assert rows["accuracy/lightly-e200/knn200_max"]["figure"] == max(v for _, v in lightly["knn_test_curve"])
+    assert rows["accuracy/lightly-e200/knn200"]["figure"] == lightly["knn_test_curve"][-1][1]  # same kNN, same encoder
+    (cost,) = map(json.loads, (out / "data_cost.jsonl").read_text().splitlines())
+    assert cost["what"] == "data_cost/skipped" and "CUDA" in cost["reason"] and cost["shape"] == [10000, 3, 32, 32]
+    assert {p.name for p in out.iterdir()} >= {"accuracy.jsonl", "data_cost.jsonl", "kobak-e100_metrics.jsonl",
+                                               "lightly-e200_metrics.jsonl", "log.txt"}

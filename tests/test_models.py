@@ -2,6 +2,7 @@ import pytest
 import torch
 import torchvision
 
+from losses import nt_xent
 from models import SimCLR, create_encoder, projection_head
 
 
@@ -77,15 +78,27 @@ def _tiny_simclr(**kw):
     return SimCLR(enc, projection_head(enc.feature_dim, 32, 16), temperature=0.5, **kw)
 
 
-def test_separate_view_forwards_differ_from_joint_only_through_batch_statistics():
-    joint, separate = _tiny_simclr(), _tiny_simclr(forward_views="separate")
-    v1, v2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
-    joint.eval(), separate.eval()  # running statistics: the same function of each image
-    torch.testing.assert_close(joint(v1, v2)["loss"], separate(v1, v2)["loss"])
-    joint.train(), separate.train()
-    assert not torch.allclose(joint(v1, v2)["loss"], separate(v1, v2)["loss"])  # train mode: per-view statistics
-    with pytest.raises(ValueError, match="forward_views"):
-        _tiny_simclr(forward_views="both")
+def test_per_view_batch_norm_equals_separate_forward_passes():
+    """dkobak's and lightly's model(view1), model(view2): the same loss, gradients and running statistics."""
+    from models.view_bn import per_view_batch_norm
+
+    per_view, two_passes, joint = _tiny_simclr().double(), _tiny_simclr().double(), _tiny_simclr().double()
+    per_view_batch_norm(per_view)
+    v1, v2 = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    ours = per_view(v1, v2)["loss"]
+    z1, z2 = (two_passes.head(two_passes.encoder(v)) for v in (v1, v2))  # literally one forward per view
+    theirs = nt_xent(z1, z2, 0.5)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    assert not torch.allclose(joint(v1, v2)["loss"], theirs)  # shared statistics are another function
+    ours.backward(), theirs.backward()
+    for (name, p), q in zip(per_view.named_parameters(), two_passes.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11 * float(q.grad.abs().max()), msg=name)
+    for (name, a), b in zip(per_view.state_dict().items(), two_passes.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)  # running statistics: updated twice
+    assert set(per_view.state_dict()) == set(joint.state_dict())  # checkpoints load into plain modules
+    per_view.eval(), two_passes.eval()
+    torch.testing.assert_close(per_view(v1, v2)["loss"], nt_xent(*(two_passes.head(two_passes.encoder(v))
+                                                                    for v in (v1, v2)), 0.5))
 
 
 def test_online_classifier_learns_without_touching_the_encoder_gradient():
