@@ -1,4 +1,4 @@
-"""The accuracy check for one GPU within a time budget: the JPEG copy's cost, then the peers' recipes on their protocols.
+"""The accuracy check for one GPU within a time budget: the JPEG copy's cost, then the peers' recipes and protocols.
 
     python bench/gpu_accuracy.py OUTDIR [--budget-s 540] [--data ARCHIVE]     # what bench/gpu_accuracy.sh runs
     python bench/gpu_accuracy.py OUTDIR --tiny                              # CPU plumbing check (synthetic data)
@@ -118,8 +118,8 @@ def pretraining_record(stage: Stage, run_dir: Path, out: Path, facts: dict) -> d
         (out / f"{stage.name}_metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     speeds = [r["train/views_per_s"] for r in records if "train/views_per_s" in r]
     knn = [(r["epoch"], r["knn_test/top1"]) for r in records if "knn_test/top1" in r]
-    return {"what": f"accuracy/{stage.name}/pretrain", "figure": max((r.get("time/elapsed_s", 0) for r in records),
-                                                                      default=None),
+    elapsed = max((r.get("time/elapsed_s", 0) for r in records), default=None)
+    return {"what": f"accuracy/{stage.name}/pretrain", "figure": elapsed,
             "unit": "s of training (compilation and kNN monitoring included)",
             "views_per_s_median": round(statistics.median(speeds)) if speeds else None,
             "epochs_done": max((r["epoch"] for r in records), default=0), "knn_test_curve": knn, **facts}
