@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: pretrain test clean-venv
+.PHONY: pretrain test clean-venv gpu-carry
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ pretrain: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+# What the device tool carries to a GPU machine (README "GPU results"): wheels its image lacks, and the data archive.
+gpu-carry: $(STAMP)
+	mkdir -p .whl .gpu
+	$(PY) -m pip wheel -q --no-deps -w .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 airbench==0.1.8
+	cp ../shared/data/cifar10-jpeg.tar.xz .gpu/
 
 clean-venv:
 	rm -rf $(VENV)

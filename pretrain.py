@@ -45,15 +45,7 @@ def main(argv: Sequence[str]) -> dict:
     keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
-    dist.check_global_batch(cfg.train.batch_size)
-    if cfg.eval.knn_every and not (cfg.data.val_size or cfg.eval.knn_test_monitor):
-        raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
-    if cfg.eval.linear_at_end:
-        check_probe_config(cfg.probe, cfg.data.val_size)
-    if cfg.model.forward_views == "separate" and cfg.model.sync_bn and dist.world_size() > 1:
-        raise UserError("model.forward_views=separate computes per-view statistics on each process; global batch norm "
-                        "per view is not implemented: set model.sync_bn=false (the peers' default) or "
-                        "model.forward_views=joint")
+    check_config(cfg)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     resume = find_resume_state(cfg, run_dir)  # validated before anything is written
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
@@ -61,21 +53,15 @@ def main(argv: Sequence[str]) -> dict:
         print(to_yaml(cfg), flush=True)
 
     # ---------------------------------------------------------------- data: uint8 tensors resident on the device
-    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
-    train_idx, val_idx = split_train_val(data.train_labels, cfg.data.val_size, cfg.data.train_limit,
-                                         cfg.data.split_seed)
-    splits = LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
-                           data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
-                           data.test_images.to(device), data.test_labels.to(device), list(data.classes),
-                           *NORMALIZATIONS[cfg.aug.normalize])
+    splits = load_splits(cfg, device)
     train_images, train_labels = splits.train_images, splits.train_labels
     try:
-        sampler = EpochSampler(len(train_idx), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
+        sampler = EpochSampler(len(train_labels), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     except ValueError as err:
         raise UserError(f"train.batch_size={cfg.train.batch_size}: {err}") from None
     if dist.is_main():
-        print(f"data: {len(train_idx)} train / {len(val_idx)} val images {tuple(train_images.shape[1:])} on {device}, "
-              f"{sampler.steps_per_epoch} steps per epoch, {dist.world_size()} process(es)", flush=True)
+        print(f"data: {len(train_labels)} train / {len(splits.val_labels)} val images {tuple(train_images.shape[1:])} "
+              f"on {device}, {sampler.steps_per_epoch} steps per epoch, {dist.world_size()} process(es)", flush=True)
 
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
@@ -83,14 +69,7 @@ def main(argv: Sequence[str]) -> dict:
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
                             solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std)
-    peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
-    optimizer = create_optimizer(cfg.optim.name, model, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                                 decay_norm_bias=cfg.optim.decay_norm_bias, own_groups=online_classifier_group(cfg),
-                                 trust_coeff=cfg.optim.lars_trust_coeff, trust_clip=cfg.optim.lars_trust_clip)
-    total_steps = cfg.train.epochs * sampler.steps_per_epoch
-    schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=round(cfg.optim.warmup_epochs * sampler.steps_per_epoch),
-                       total_steps=total_steps, min_lr=cfg.optim.min_lr_ratio * peak_lr)
+    optimizer, schedule = build_optimizer(cfg, model, sampler.steps_per_epoch)
     if cfg.train.compile and device.type == "cpu":
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
               "ResNet-18 on 2 cores); it is meant for CUDA", file=sys.stderr, flush=True)
@@ -179,15 +158,7 @@ def main(argv: Sequence[str]) -> dict:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
         if wandb_run is not None:
-            if len(splits.val_labels):  # the final encoder's validation features, for W&B's embedding projector
-                shown = slice(0, EMBEDDING_IMAGES)
-                features = extract_features(model.encoder, splits.val_images[shown], mean=splits.mean, std=splits.std,
-                                            dtype=dtype)
-                wandb_run.log_embeddings("val/embeddings", features, splits.val_labels[shown], splits.classes, step,
-                                         cfg.train.epochs)
-            wandb_run.log_encoder(run_dir / "encoder.pt", run_dir.name, {"git_sha": git_sha(), **summary})
-            wandb_run.summarize(summary)
-            wandb_run.finish()
+            finish_wandb(wandb_run, model.encoder, splits, dtype, run_dir, summary, step, cfg.train.epochs)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     dist.barrier()
     dist.shutdown()
@@ -195,6 +166,31 @@ def main(argv: Sequence[str]) -> dict:
 
 
 EMBEDDING_IMAGES = 1000  # validation images in the W&B embedding table at the end of pretraining
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """Combinations of keys that cannot work, refused before anything is read or written."""
+    dist.check_global_batch(cfg.train.batch_size)
+    if cfg.eval.knn_every and not (cfg.data.val_size or cfg.eval.knn_test_monitor):
+        raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
+    if cfg.eval.linear_at_end:
+        check_probe_config(cfg.probe, cfg.data.val_size)
+    if cfg.model.forward_views == "separate" and cfg.model.sync_bn and dist.world_size() > 1:
+        raise UserError("model.forward_views=separate computes per-view statistics on each process; global batch norm "
+                        "per view is not implemented: set model.sync_bn=false (the peers' default) or "
+                        "model.forward_views=joint")
+
+
+def load_splits(cfg: PretrainConfig, device: torch.device) -> LabeledSplits:
+    """uint8 train / validation / test images and labels on ``device``, with the encoder's input normalization. The
+    validation split (data.val_size) is held out of train; the test split is only read by evaluations."""
+    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    train_idx, val_idx = split_train_val(data.train_labels, cfg.data.val_size, cfg.data.train_limit,
+                                         cfg.data.split_seed)
+    return LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
+                         data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
+                         data.test_images.to(device), data.test_labels.to(device), list(data.classes),
+                         *NORMALIZATIONS[cfg.aug.normalize])
 
 
 def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -216,6 +212,19 @@ def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = 
         model = per_view_batch_norm(model)
     model = model.to(device, dtype=torch.float64 if dtype == torch.float64 else None)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int):
+    """The optimizer over the model's parameter groups and the lr schedule, a pure function of the step:
+    linear warm-up to optim.base_lr x batch / 256, then cosine to optim.min_lr_ratio of it."""
+    peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
+    optimizer = create_optimizer(cfg.optim.name, model, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
+                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+                                 decay_norm_bias=cfg.optim.decay_norm_bias, own_groups=online_classifier_group(cfg),
+                                 trust_coeff=cfg.optim.lars_trust_coeff, trust_clip=cfg.optim.lars_trust_clip)
+    schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
+                       total_steps=cfg.train.epochs * steps_per_epoch, min_lr=cfg.optim.min_lr_ratio * peak_lr)
+    return optimizer, schedule
 
 
 def online_classifier_group(cfg: PretrainConfig) -> Optional[dict]:
@@ -320,6 +329,18 @@ def linear_probe_at_end(cfg: PretrainConfig, encoder: torch.nn.Module, splits: L
     path = write_results(run_dir, record, splits.classes)
     print(f"linear probe: test top-1 {record['test/top1']:.2f}% (val top-1 {record['val/top1']}) -> {path}", flush=True)
     return {"linear/test_top1": record["test/top1"], "linear/val_top1": record["val/top1"]}
+
+
+def finish_wandb(wandb_run, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype, run_dir: Path,
+                 summary: dict, step: int, epoch: int) -> None:
+    """The end of the W&B run: validation embeddings for the projector, encoder.pt as a model artifact, summary."""
+    if len(splits.val_labels):
+        shown = slice(0, EMBEDDING_IMAGES)
+        features = extract_features(encoder, splits.val_images[shown], mean=splits.mean, std=splits.std, dtype=dtype)
+        wandb_run.log_embeddings("val/embeddings", features, splits.val_labels[shown], splits.classes, step, epoch)
+    wandb_run.log_encoder(run_dir / "encoder.pt", run_dir.name, {"git_sha": git_sha(), **summary})
+    wandb_run.summarize(summary)
+    wandb_run.finish()
 
 
 def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.jsonl import emit  # noqa: E402
 from data import load_source  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
@@ -46,14 +46,6 @@ def write_airbench_files(root: Path, data_path: str, cache_dir: str) -> Path:
         torch.save({"images": images.permute(0, 2, 3, 1).contiguous(), "labels": labels, "classes": data.classes},
                    out / f"{name}.pt")
     return out
-
-
-def emit(row: dict, out: Optional[str]) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

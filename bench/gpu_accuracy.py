@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.jsonl import emit  # noqa: E402
+
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 ASSUMED_VIEWS_PER_S = 60_000  # pretrain.py's ResNet-18 at batch 512, bf16, compiled, on an H100 (README): 63-71k
 COMPILE_S = 60  # torch.compile of the model and the augmentation, plus the first data decode (~35 s)
@@ -73,18 +76,16 @@ TINY_PRETRAIN = ["data.name=synthetic", "device=cpu", "model.width=4", "data.tra
 TINY_EVAL = ["data.name=synthetic", "device=cpu", "data.train_limit=600", "probe.epochs=2"]
 
 
+def report(out: Path, row: dict) -> None:
+    emit(row, out / "accuracy.jsonl")
+
+
 class Budget:
     def __init__(self, seconds: float) -> None:
         self.end = time.monotonic() + seconds
 
     def left(self) -> float:
         return self.end - time.monotonic()
-
-
-def emit(out: Path, row: dict) -> None:
-    print(json.dumps(row), flush=True)
-    with open(out / "accuracy.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def run(cmd: list[str], timeout: Optional[float], log: Path) -> Optional[int]:
@@ -128,8 +129,8 @@ def pretraining_record(stage: Stage, run_dir: Path, out: Path, facts: dict) -> d
 def run_stage(stage: Stage, args: argparse.Namespace, budget: Budget, out: Path, facts: dict) -> None:
     estimate = COMPILE_S + stage.views / ASSUMED_VIEWS_PER_S
     if not args.tiny and budget.left() < estimate:
-        emit(out, {"what": f"accuracy/{stage.name}/skipped", "reason": f"needs ~{estimate:.0f} s, "
-                   f"{budget.left():.0f} s of the budget left", **facts})
+        report(out, {"what": f"accuracy/{stage.name}/skipped",
+                     "reason": f"needs ~{estimate:.0f} s, {budget.left():.0f} s of the budget left", **facts})
         return
     runs, log = out / "runs", out / "log.txt"
     data = TINY_PRETRAIN if args.tiny else ["data.name=folder", f"data.root={args.data}", "device=cuda",
@@ -140,14 +141,14 @@ def run_stage(stage: Stage, args: argparse.Namespace, budget: Budget, out: Path,
     reserve = 45 * len(stage.evaluations)  # seconds kept for the evaluations after pretraining
     code = run(cmd, None if args.tiny else max(1.0, budget.left() - reserve), log)
     run_dir = runs / stage.name
-    emit(out, {**pretraining_record(stage, run_dir, out, facts), "status": {None: "out of time", 0: "finished"}.get(
+    report(out, {**pretraining_record(stage, run_dir, out, facts), "status": {None: "out of time", 0: "finished"}.get(
         code, f"failed (exit {code})")})
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     if summary.get("status") != "finished":
         return
     if stage.monitor is not None:
         value = summary.get("knn_test/max_top1")
-        emit(out, row(stage, stage.monitor, value, facts))
+        report(out, row(stage, stage.monitor, value, facts))
     eval_data = TINY_EVAL if args.tiny else ["data.name=folder", f"data.root={args.data}", "device=cuda"]
     for evaluation in stage.evaluations:
         name = f"{stage.name}-{evaluation.name}"
@@ -158,7 +159,7 @@ def run_stage(stage: Stage, args: argparse.Namespace, budget: Budget, out: Path,
         code = run(cmd, None if args.tiny else max(1.0, budget.left()), log)
         results = runs / name / "results.json"
         value = json.loads(results.read_text())["test/top1"] if code == 0 and results.is_file() else None
-        emit(out, row(stage, evaluation, value, facts))
+        report(out, row(stage, evaluation, value, facts))
 
 
 def row(stage: Stage, evaluation: Evaluation, value: Optional[float], facts: dict) -> dict:
@@ -187,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                "--cache-dir", args.cache_dir, "--out", str(out / "data_cost.jsonl")]
         code = run(cmd + (["--device", "cpu"] if args.tiny else []), max(1.0, budget.left()), out / "log.txt")
         if code != 0:
-            emit(out, {"what": "accuracy/data_cost/failed", "reason": f"exit {code} (see log.txt)", **facts})
+            report(out, {"what": "accuracy/data_cost/failed", "reason": f"exit {code} (see log.txt)", **facts})
     for stage in STAGES:
         if stage.name in args.stages:
             run_stage(stage, args, budget, out, facts)

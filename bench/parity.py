@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import statistics
 import sys
@@ -42,6 +41,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from augment import NORMALIZATIONS, SimCLRAugment  # noqa: E402
+from bench.jsonl import emit  # noqa: E402
 from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
 from data import load_source, split_train_val  # noqa: E402
@@ -292,14 +292,6 @@ def summary(rows: list[dict]) -> dict:
                     "within_spread": abs(difference) <= 2 * pooled,
                     "criterion": "|mean ours - mean classic| <= 2 x pooled seed std"})
     return out
-
-
-def emit(row: dict, out: Optional[str]) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

@@ -96,7 +96,7 @@ class WandbRun:
         self.run.define_metric("epoch")
         for pattern in ("train/*",):
             self.run.define_metric(pattern, step_metric="step")
-        for pattern in ("knn/*", "val/*", "test/*", "linear/*"):
+        for pattern in ("knn/*", "knn_test/*", "online/*", "val/*", "test/*", "linear/*"):
             self.run.define_metric(pattern, step_metric="epoch")
         self.run.define_metric("knn/top1", step_metric="epoch", summary="max")
         self.run.define_metric("knn/top1", step_metric="epoch", summary="last")

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine import dist
 from losses.gather import gather_with_grad
+from models.bn_convert import replace_batch_norm
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -52,12 +53,4 @@ def convert_to_global_bn(module: nn.Module, device: torch.device) -> nn.Module:
     """Every BatchNorm1d/2d in ``module`` -> global batch norm (torch SyncBatchNorm on CUDA, ours elsewhere)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                          child.track_running_stats).to(child.weight.device, child.weight.dtype)
-            replacement.load_state_dict(child.state_dict())
-            setattr(module, name, replacement)
-        else:
-            convert_to_global_bn(child, device)
-    return module
+    return replace_batch_norm(module, GlobalBatchNorm)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.bn_convert import replace_batch_norm
+
 
 class PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over [2B, C] or [2B, C, H, W] whose training statistics are those of each half (each view) alone.
@@ -45,14 +47,5 @@ class PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def per_view_batch_norm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm1d/2d in ``module`` by :class:`PerViewBatchNorm` with the same parameters and buffers
-    (state-dict keys unchanged, so checkpoints load into plain modules)."""
-    for name, child in module.named_children():
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d):
-            replacement = PerViewBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                           child.track_running_stats).to(child.weight.device, child.weight.dtype)
-            replacement.load_state_dict(child.state_dict())
-            setattr(module, name, replacement)
-        else:
-            per_view_batch_norm(child)
-    return module
+    """Every BatchNorm1d/2d in ``module`` -> :class:`PerViewBatchNorm` (state-dict keys unchanged)."""
+    return replace_batch_norm(module, PerViewBatchNorm)

@@ -114,3 +114,29 @@ def test_online_classifier_learns_without_touching_the_encoder_gradient():
         torch.testing.assert_close(p.grad, q.grad, msg=name)  # stop-gradient: identical encoder gradients
     assert online.classifier.weight.grad.abs().sum() > 0 and online.head[0].weight.grad is not None
     assert "online_loss" not in online(v1, v2)  # no labels, no classifier loss
+
+
+@pytest.mark.parametrize("forward_views", ["joint", "separate"])
+def test_compiled_step_keeps_gradients_and_running_statistics(forward_views):
+    """torch.compile (aot_eager: the same graph capture and functionalization as Inductor, no C++ build) must not
+    lose batch norm's running-statistic updates, which eval-mode features (kNN, probes) depend on."""
+    import copy
+
+    from configs.load import load_config
+    from pretrain import build_model, forward_backward
+
+    torch.manual_seed(0)
+    cfg = load_config(["model.width=4", "device=cpu", f"model.forward_views={forward_views}"])
+    eager = build_model(cfg, torch.device("cpu"))
+    compiled_copy = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_copy, backend="aot_eager")
+    views = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    for _ in range(2):
+        forward_backward(eager, *views, torch.device("cpu"), torch.float32)
+        forward_backward(compiled, *views, torch.device("cpu"), torch.float32)
+    theirs = compiled_copy.state_dict()
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(theirs[name], value, msg=name)
+    assert theirs["encoder.bn1.num_batches_tracked"] == (2 if forward_views == "joint" else 4)
+    for (name, p), q in zip(eager.named_parameters(), compiled_copy.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
