@@ -300,3 +300,23 @@ def test_bad_input_is_one_error_line(tmp_path):
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row name 'a/b' may hold only")
     bad = smoke_variant(tmp_path / "bad.yaml", colums=[])
     assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "colums")
+
+
+def test_peer_parity_rows_run_each_peer_recipe_with_its_protocol():
+    spec = load_table("peer_parity")
+    stated = {(r.name, c): p.value for r in spec.rows for c, p in r.published.items()}
+    assert stated == {("kobak-e100", "knn10"): 83.2, ("kobak-e100", "linear"): 85.6,
+                      ("lightly-e200", "knn200_max"): 84.8, ("kobak-e500", "knn10"): 90.3,
+                      ("kobak-e1000", "knn10"): 91.4, ("kobak-e1000", "linear"): 91.7,
+                      ("solo-learn-e1000", "online"): 90.74}
+    plan = plan_table(spec, spec.seeds, "runs")
+    pre = {row.name: plan.by_cell[(row.name, 0, "pretrain")] for row in spec.rows}
+    assert any("kobak_resnet18.yaml" in a for a in pre["kobak-e100"].args)
+    assert any("lightly_resnet18.yaml" in a for a in pre["lightly-e200"].args)
+    kobak, lightly = (load_config(p.args, PretrainConfig) for p in (pre["kobak-e100"], pre["lightly-e200"]))
+    assert (kobak.train.epochs, kobak.optim.base_lr, kobak.aug.normalize) == (100, 0.06, "none")
+    assert (lightly.train.epochs, lightly.model.proj_out_bn, lightly.eval.knn_test_monitor) == (200, True, True)
+    knn10 = load_config(plan.by_cell[("kobak-e100", 0, "knn10")].args, FinetuneConfig)
+    assert (knn10.eval.mode, knn10.eval.knn_k, knn10.eval.knn_vote, knn10.data.val_size) == ("knn", 10, "majority", 0)
+    solo = load_config(pre["solo-learn-e1000"].args, PretrainConfig)
+    assert (solo.eval.online_linear, solo.loss.temperature, solo.optim.lars_trust_coeff) == (True, 0.2, 0.02)
