@@ -1,6 +1,6 @@
 """Parity harness: does pretrain.py learn what a classic, peer-style SimCLR pipeline learns from the same recipe?
 
-    python bench/parity.py --device cpu --quick          # narrow ResNet-18, 10,000 images, 3 seeds (~20 min, 2 cores)
+    python bench/parity.py --device cpu --quick          # narrow ResNet-18, 10,000 images, 3 seeds (~22 min, 2 cores)
     python bench/parity.py --device cuda --epochs 100 --train-images 45000 --width 64 --batch 512 --seeds 0 1 2
     python bench/parity.py --device cpu --quick --swap augment     # the classic pipeline with our augmentation
 
