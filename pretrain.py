@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -140,7 +140,8 @@ def main(argv: Sequence[str]) -> dict:
         if cfg.eval.knn_every and (done % cfg.eval.knn_every == 0 or done == cfg.train.epochs):
             top1 = report(metrics, step, done, {**monitor(), "time/elapsed_s": time.perf_counter() - started}
                           ).get("knn/top1")
-            best_knn = max(best_knn, top1) if None not in (best_knn, top1) else top1
+            if top1 is not None:
+                best_knn = top1 if best_knn is None else max(best_knn, top1)
         if done % cfg.run.ckpt_every == 0 or done == cfg.train.epochs:
             save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn, wandb_run)
 
@@ -214,7 +215,8 @@ def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = 
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int):
+def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int
+                    ) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
     """The optimizer over the model's parameter groups and the lr schedule, a pure function of the step:
     linear warm-up to optim.base_lr x batch / 256, then cosine to optim.min_lr_ratio of it."""
     peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
