@@ -86,6 +86,9 @@ def test_online_classifier_is_trained_logged_and_scored(tmp_path):
     (["optim.decay_norm_bias=often"], "optim.decay_norm_bias"),
     (["eval.knn_test_monitor=maybe"], "eval.knn_test_monitor"),
     (["model.proj_out_bnn=true"], "did you mean 'model.proj_out_bn'"),
+    (["optim.lars_trust_coeff=0"], "optim.lars_trust_coeff=0.0 is out of range"),
+    (["optim.lars_trust_clip=perhaps"], "optim.lars_trust_clip"),
+    (["eval.online_linear=yes-please"], "eval.online_linear"),
 ])
 def test_new_keys_reject_bad_values(tmp_path, args, fragment):
     result = run_entry("pretrain.py", *TINY, f"run.dir={tmp_path}", "run.name=bad", *args)
