@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -176,88 +177,98 @@ def textbook_info_nce(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
-def classic_optimizer(cfg: PretrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    if cfg.optim.name != "sgd":
-        raise SystemExit("error: the classic pipeline implements SGD recipes only")
-    if cfg.optim.decay_norm_bias:
-        groups = [{"params": list(model.parameters())}]
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.ndim > 1]},
-                  {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                           nesterov=cfg.optim.nesterov)
-
-
-def train_classic(cfg: PretrainConfig, images: torch.Tensor, args: argparse.Namespace, seed: int) -> nn.Module:
-    """A plain loop over a DataLoader of per-image torchvision views; ``args.swap`` puts our component in place."""
-    device = torch.device(args.device)
-    torch.manual_seed(seed)
+def classic_model(cfg: PretrainConfig, swap: list[str]) -> nn.Sequential:
+    """Our encoder (the thing both pipelines train) and a head: built here, or ours with ``--swap head``."""
     encoder = create_encoder(cfg.model.arch, cfg.model.width)
-    if "head" in args.swap:
+    if "head" in swap:
         head = projection_head(encoder.feature_dim, cfg.model.proj_hidden_dim or encoder.feature_dim,
                                cfg.model.proj_dim, cfg.model.proj_layers, hidden_bn=cfg.model.proj_bn,
                                out_bn=cfg.model.proj_out_bn)
     else:
         head = textbook_head(cfg, encoder.feature_dim)
-    model = nn.Sequential(encoder, head).to(device)
-    peak = cfg.optim.base_lr * cfg.train.batch_size / 256
+    return nn.Sequential(encoder, head)
+
+
+def classic_loader(cfg: PretrainConfig, images: torch.Tensor, args: argparse.Namespace, seed: int):
+    """Shuffled, last batch dropped (as pretrain.py does): pairs of PIL-transformed views in worker processes, or
+    image indices only for ``--swap augment``."""
+    if "augment" in args.swap:
+        return torch.utils.data.DataLoader(Indices(len(images)), batch_size=cfg.train.batch_size, shuffle=True,
+                                           drop_last=True, generator=torch.Generator().manual_seed(seed))
     workers = args.workers if args.workers is not None else min(16, torch.multiprocessing.cpu_count())
-    ours_augment = "augment" in args.swap
-    dataset = Indices(len(images)) if ours_augment else TwoViews(images, torchvision_views(cfg))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=0 if ours_augment else workers,
-                                         persistent_workers=not ours_augment and workers > 0,
-                                         pin_memory=device.type == "cuda",
-                                         generator=torch.Generator().manual_seed(seed))
-    total = cfg.train.epochs * len(loader)
-    warmup = round(cfg.optim.warmup_epochs * len(loader))
-    if "optimizer" in args.swap:
+    return torch.utils.data.DataLoader(TwoViews(images, torchvision_views(cfg)), batch_size=cfg.train.batch_size,
+                                       shuffle=True, drop_last=True, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=args.device.startswith("cuda"),
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def classic_optimizer(cfg: PretrainConfig, model: nn.Module, steps_per_epoch: int, swap: list[str]):
+    """(optimizer, advance): ``advance(step)`` sets the lr for that step. Classic: torch SGD over one or two groups
+    and a cosine LambdaLR; ``--swap optimizer``: ours (engine.optim) with lr_at."""
+    if cfg.optim.name != "sgd":
+        raise SystemExit("error: the classic pipeline implements SGD recipes only")
+    peak = cfg.optim.base_lr * cfg.train.batch_size / 256
+    total, warmup = cfg.train.epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch)
+    if "optimizer" in swap:
         optimizer = create_optimizer(cfg.optim.name, model, lr=peak, weight_decay=cfg.optim.weight_decay,
                                      momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
                                      decay_norm_bias=cfg.optim.decay_norm_bias)
-        schedule = None
+        schedule = partial(lr_at, peak_lr=peak, warmup_steps=warmup, total_steps=total)
+        return optimizer, lambda step: set_lr(optimizer, schedule(step))
+    params = list(model.parameters())
+    if cfg.optim.decay_norm_bias:  # SGD(model.parameters(), weight_decay=...), as dkobak and lightly write it
+        groups = [{"params": params}]
     else:
-        optimizer = classic_optimizer(cfg, model, peak)
+        groups = [{"params": [p for p in params if p.ndim > 1]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=peak, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                nesterov=cfg.optim.nesterov)
 
-        def cosine(t: int) -> float:  # factor of the peak lr at step t (LambdaLR)
-            if t < warmup:
-                return (t + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
+    def cosine(t: int) -> float:  # factor of the peak lr at step t
+        if t < warmup:
+            return (t + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
 
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    augment = SimCLRAugment(cfg.aug.strength, cfg.aug.min_scale, cfg.aug.jitter_prob, cfg.aug.gray_prob,
-                            mean=NORMALIZATIONS[cfg.aug.normalize][0], std=NORMALIZATIONS[cfg.aug.normalize][1])
-    gpu_images = images.to(device) if ours_augment else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)  # sets the lr of step 0 now
+    return optimizer, lambda step: scheduler.step() if step else None
+
+
+def train_classic(cfg: PretrainConfig, images: torch.Tensor, args: argparse.Namespace, seed: int) -> nn.Module:
+    """A plain loop over a DataLoader of per-image torchvision views; ``args.swap`` puts our components in place."""
+    device = torch.device(args.device)
+    torch.manual_seed(seed)
+    model = classic_model(cfg, args.swap).to(device)
+    loader = classic_loader(cfg, images, args, seed)
+    optimizer, advance = classic_optimizer(cfg, model, len(loader), args.swap)
+    mean, std = NORMALIZATIONS[cfg.aug.normalize]
+    ours = SimCLRAugment(cfg.aug.strength, cfg.aug.min_scale, cfg.aug.jitter_prob, cfg.aug.gray_prob, mean=mean,
+                         std=std)
+    device_images = images.to(device) if "augment" in args.swap else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16" \
         else contextlib.nullcontext()
     model.train()
     step = 0
     for _ in range(cfg.train.epochs):
         for batch in loader:
-            if ours_augment:
-                view1, view2 = augment(gpu_images[batch.to(device)])
+            if device_images is not None:
+                view1, view2 = ours(device_images[batch.to(device)])
             else:
                 view1, view2 = (v.to(device, non_blocking=True) for v in batch)
             with autocast:
-                if cfg.model.forward_views == "separate":
+                if cfg.model.forward_views == "separate":  # the peers' way: one forward pass per view
                     z = torch.cat([model(view1), model(view2)])
                 else:
                     z = model(torch.cat([view1, view2]))
-            if "loss" in args.swap:
-                loss = nt_xent(*z.chunk(2), cfg.loss.temperature)
-            else:
-                loss = textbook_info_nce(z, cfg.loss.temperature)
+            loss = nt_xent(*z.chunk(2), cfg.loss.temperature) if "loss" in args.swap \
+                else textbook_info_nce(z, cfg.loss.temperature)
             optimizer.zero_grad()
             loss.backward()
-            if schedule is None:
-                set_lr(optimizer, lr_at(step, peak_lr=peak, warmup_steps=warmup, total_steps=total))
+            advance(step)
             optimizer.step()
-            if schedule is not None:
-                schedule.step()
             step += 1
         if not math.isfinite(loss.item()):
             raise SystemExit(f"error: the classic pipeline's loss became {loss.item()}")
-    return encoder
+    return model[0]
 
 
 # ---------------------------------------------------------------------------------------------- scoring
