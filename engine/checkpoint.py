@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +36,23 @@ def atomic_save(obj: Any, file: Path) -> None:
 
 
 def load_file(path: Path, what: str = "checkpoint") -> dict:
-    """Read a file written by :func:`atomic_save`; unreadable or foreign files are a UserError."""
+    """Read a file written by :func:`atomic_save`; unreadable or foreign files are a UserError.
+
+    ``weights_only=True``: only tensors and plain containers and scalars are unpickled, so a crafted file (an
+    object whose ``__reduce__`` runs a command) is refused before anything in it runs. Checkpoints and encoders are
+    shared between people and downloaded from W&B: they are data, never code.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle, zip and torch errors all mean "not a checkpoint"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: the file wants to run or build objects
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
+        named = f" (it names {culprit.group(1)})" if culprit else ""
+        raise UserError(f"{str(path)!r} holds more than tensors and plain values{named}, so it was not loaded: a "
+                        "checkpoint from elsewhere must never run code") from None
+    except Exception as err:  # zip and torch errors: not a checkpoint
         raise UserError(f"{str(path)!r} is not a readable {what}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict):
         raise UserError(f"{str(path)!r} is not a {what} (holds {type(state).__name__})")
