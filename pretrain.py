@@ -6,11 +6,11 @@ uint8 batch on the device -> two augmented views -> encoder + head -> NT-Xent ->
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from augment import NORMALIZATIONS, SimCLRAugment
-from configs.load import from_dict, load_config, to_dict, to_yaml
-from configs.schema import PretrainConfig
+from configs.load import flatten, from_dict, load_config, to_dict, to_yaml
+from configs.schema import RESUMABLE_CHANGES, PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
 from engine import dist
 from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
@@ -121,7 +121,8 @@ def main(argv: Sequence[str]) -> dict:
                 online_correct += out["online_correct"]
             step, steps_since = step + 1, steps_since + 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                loss = check_finite(dist.all_reduce_mean(loss_sum).item() / steps_since, step, run_dir, wandb_run)
+                loss, weights_finite = read_training_state(loss_sum, model)
+                loss = check_finite(loss / steps_since, step, run_dir, wandb_run, weights_finite)
                 views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
                 if cfg.eval.online_linear:  # on this rank's augmented views of the last steps
@@ -345,18 +346,30 @@ def finish_wandb(wandb_run, encoder: torch.nn.Module, splits: LabeledSplits, dty
     wandb_run.finish()
 
 
-def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None) -> float:
+def read_training_state(loss_sum: torch.Tensor, model: torch.nn.Module) -> tuple[float, bool]:
+    """(summed loss averaged over ranks, whether every parameter and batch-norm statistic is finite on every rank),
+    in one host read. A run can diverge with a finite loss: weights of 1e20 and infinite running variances."""
+    finite = torch.stack([t.isfinite().all() for t in itertools.chain(model.parameters(), model.buffers())
+                          if t.is_floating_point()]).all()
+    loss, nonfinite = dist.all_reduce_mean(torch.stack([loss_sum.double(), (~finite).double()])).tolist()
+    return loss, nonfinite == 0
+
+
+def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None, weights_finite: bool = True) -> float:
     """The loss, or stop: summary.json records the divergence (a result, not a crash) and the run exits 2."""
-    if not math.isfinite(loss):
+    if not (math.isfinite(loss) and weights_finite):
         ckpt_path = run_dir / "checkpoints" / "last.pt"
         kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        what = (f"loss became {loss}" if not math.isfinite(loss)
+                else "weights or batch-norm statistics became non-finite")
         if dist.is_main():
-            summary = {"status": "diverged", "step": step, "train/loss": str(loss), "git_sha": git_sha()}
+            summary = {"status": "diverged", "step": step, "train/loss": str(loss), "reason": what,
+                       "git_sha": git_sha()}
             write_json(run_dir / "summary.json", summary)
             if wandb_run is not None:
                 wandb_run.summarize(summary)
                 wandb_run.finish()
-        raise UserError(f"loss became {loss} at step {step}; stopping ({kept}). Try a lower optim.base_lr")
+        raise UserError(f"{what} at step {step}; stopping ({kept}). Try a lower optim.base_lr")
     return loss
 
 
@@ -388,17 +401,20 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
         return None
     path = last if cfg.run.resume == "auto" else Path(cfg.run.resume).expanduser()
     if cfg.run.resume == "auto" and not path.is_file():
+        if (run_dir / "encoder.pt").is_file() or (run_dir / "summary.json").is_file():
+            raise UserError(f"run directory {str(run_dir)!r} holds a finished run (encoder.pt / summary.json) but no "
+                            "checkpoints/last.pt to continue from; it is not trained over: choose another run.name")
         return None
     state = load_file(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
-    saved = from_dict(state["config"], PretrainConfig)
-    for section in ("model", "data"):
-        before, now = asdict(getattr(saved, section)), asdict(getattr(cfg, section))
-        changed = [f"{section}.{k}: {before[k]!r} -> {now[k]!r}" for k in before if before[k] != now[k]]
-        if changed:
-            raise UserError(f"cannot resume {str(path)!r}: its {section} config differs ({', '.join(changed)}); "
-                            "use another run.name or run.resume=never")
+    before, now = (flatten(to_dict(c)) for c in (from_dict(state["config"], PretrainConfig), cfg))
+    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now
+               if before.get(k) != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "
+                        "only train.epochs, logging, run.*, wandb.*, device and data paths may change on resume. "
+                        "Start a new run with another run.name")
     state["_path"] = str(path)
     return state
 

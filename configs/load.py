@@ -140,6 +140,17 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
+def flatten(nested: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: a config (as :func:`to_dict` gives it) by dotted key."""
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def from_dict(data: dict, schema: Type[T] = PretrainConfig) -> T:
     """Rebuild a typed config from :func:`to_dict` output, e.g. the copy saved in a checkpoint."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))

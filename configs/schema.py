@@ -183,6 +183,13 @@ class FinetuneConfig:
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")
 
+# Keys (or key prefixes) that say where or how fast a run goes, not what it computes: two runs that differ only here
+# are the same experiment (tables match runs ignoring them; a resumed run may change them).
+NOT_RESULT_KEYS = ("run.", "wandb.", "device", "data.root", "data.download", "data.cache_dir", "train.log_every",
+                   "train.compile", "loss.impl", "checkpoint")
+# What a resumed pretraining may change besides those: more epochs extend the run (its cosine schedule stretches).
+RESUMABLE_CHANGES = NOT_RESULT_KEYS + ("train.epochs",)
+
 # Allowed values of string keys. An entry of None in a tuple is not used; paths are free-form.
 CHOICES = {
     "device": None,  # checked by engine.device

@@ -15,27 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from configs.load import config_keys, from_dict, load_config, to_dict
-from configs.schema import FinetuneConfig, PretrainConfig
+from configs.load import config_keys, flatten, from_dict, load_config, to_dict
+from configs.schema import NOT_RESULT_KEYS, FinetuneConfig, PretrainConfig
 from engine.cli import UserError
 from tables.spec import PRETRAIN, REPO, Row, TableSpec
 
-# Keys that say where or how fast a run goes, not what it computes: two runs that differ only here are the same
-# experiment. `checkpoint` is matched separately (by the encoder's SHA-256, see tables.collect).
-IGNORED_KEYS = ("run.", "wandb.", "device", "data.root", "data.download", "data.cache_dir", "train.log_every",
-                "train.compile", "loss.impl", "checkpoint")
 LAUNCHERS = ("python", "torchrun", "sbatch")
-
-
-def flatten(nested: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def comparable(config: Dict[str, Any], schema: type) -> Optional[Dict[str, Any]]:
@@ -57,7 +42,7 @@ def comparable(config: Dict[str, Any], schema: type) -> Optional[Dict[str, Any]]
         typed = flatten(to_dict(from_dict(kept, schema)))
     except Exception:  # a config this schema cannot hold is not a match, whatever the reason
         return None
-    return {k: v for k, v in typed.items() if not k.startswith(IGNORED_KEYS)}
+    return {k: v for k, v in typed.items() if not k.startswith(NOT_RESULT_KEYS)}  # checkpoint: by SHA-256
 
 
 @dataclass

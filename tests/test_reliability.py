@@ -49,3 +49,48 @@ def test_crafted_checkpoints_are_refused_and_never_run(tmp_path, finished_run):
         assert "posix.system" in result.stderr, how
     assert not marker.exists()  # the payload never ran
     assert not (tmp_path / "eval").exists() and not (tmp_path / "other").exists()
+
+
+def test_divergence_with_a_finite_loss_is_recorded_as_divergence(tmp_path):
+    """LARS at base lr 1e6: the loss stays near 5.3 while weights and batch-norm statistics overflow."""
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", "eval.knn_every=0",
+                                                     "optim.base_lr=1e6"))
+    assert_user_error(result, "weights or batch-norm statistics became non-finite")
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["reason"].startswith("weights")
+    assert float(summary["train/loss"]) < 10  # the loss itself never said so
+    last = tmp_path / "tiny" / "checkpoints" / "last.pt"
+    if last.exists():  # a checkpoint written before the divergence is a good one
+        ckpt = torch.load(last, weights_only=True)
+        assert all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
+    else:
+        assert "no checkpoint was written" in result.stderr
+    assert not (tmp_path / "tiny" / "encoder.pt").exists()
+
+
+def test_resume_refuses_a_changed_recipe_and_allows_more_epochs(tmp_path):
+    assert run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0")).returncode == 0
+    run = tmp_path / "tiny"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for change, named in (["seed=1"], "seed: 0 -> 1"), (["optim.name=sgd"], "optim.name: 'lars' -> 'sgd'"), \
+            (["loss.temperature=0.2"], "loss.temperature: 0.5 -> 0.2"):
+        result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0", *change))
+        assert_user_error(result, named)
+        assert "another recipe" in result.stderr and "run.resume=never" not in result.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml not rewritten
+    longer = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0",
+                                                     "train.log_every=3", "wandb.mode=disabled"))
+    assert longer.returncode == 0 and "resume: from epoch 1" in longer.stdout, longer.stderr
+    assert json.loads((run / "summary.json").read_text())["epoch"] == 2
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_over(tmp_path, finished_run):
+    import shutil
+
+    run = tmp_path / "tiny"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "checkpoints")
+    encoder = (run / "encoder.pt").read_bytes()
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert_user_error(result, "holds a finished run")
+    assert (run / "encoder.pt").read_bytes() == encoder and not (run / "checkpoints").exists()
