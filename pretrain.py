@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import signal
 import sys
 import time
 from functools import partial
@@ -24,12 +25,13 @@ from configs.schema import RESUMABLE_CHANGES, PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
 from engine import dist
 from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
-from engine.cli import UserError, run_cli
+from engine.cli import Stopped, UserError, run_cli
 from engine.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.accuracy import topk_accuracy
 from engine.knn import extract_features, extract_features_sharded, knn_top1
 from engine.plots import view_pair_grid
+from engine.preemption import StopRequest
 from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
 from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
                              write_results)
@@ -40,6 +42,12 @@ from models.view_bn import per_view_batch_norm
 
 
 def main(argv: Sequence[str]) -> dict:
+    """Pretrain as the command line says; SIGTERM, SIGUSR1 and SIGINT stop it after a checkpoint at that step."""
+    with StopRequest() as stop:
+        return pretrain(argv, stop)
+
+
+def pretrain(argv: Sequence[str], stop: StopRequest) -> dict:
     # ---------------------------------------------------------------- config
     cfg = load_config(argv, PretrainConfig)
     keep_wandb_out(cfg.wandb.mode)
@@ -77,7 +85,7 @@ def main(argv: Sequence[str]) -> dict:
     if cfg.train.compile:
         step_fn = torch.compile(step_fn)
         augment.compile()
-    start_epoch, step, best_knn = 0, 0, None
+    start_epoch, step, best_knn, stop_agreed = 0, 0, None, False
     if resume is not None:
         start_epoch, step, best_knn = restore(resume, model, optimizer)
         if dist.is_main():
@@ -108,10 +116,17 @@ def main(argv: Sequence[str]) -> dict:
         model.train()
         loss_sum, online_correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
         tick, steps_since = time.perf_counter(), 0
-        batches = sampler.batches(epoch, device)
+        done_in_epoch = step - epoch * sampler.steps_per_epoch  # > 0 after a mid-epoch checkpoint (preemption)
+        batches = sampler.batches(epoch, device, start=done_in_epoch)
         if sys.stderr.isatty() and dist.is_main():
-            batches = tqdm(batches, total=sampler.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False)
+            batches = tqdm(batches, total=sampler.steps_per_epoch - done_in_epoch, desc=f"epoch {epoch + 1}",
+                           leave=False)
         for idx in batches:
+            if stop_agreed or (stop.requested and dist.world_size() == 1):  # preempted: save this step, leave
+                save_checkpoint(ckpt_path, model, optimizer, cfg, step, epoch, best_knn, wandb_run)
+                raise Stopped(f"{stop.name or 'a stop signal on another rank'} at step {step} (epoch "
+                              f"{step / sampler.steps_per_epoch:.2f}); checkpoint {ckpt_path} written; the same "
+                              "command continues from there", 128 + (stop.signum or signal.SIGTERM))
             lr = schedule(step)
             g = seeded_generator(device, "augment", cfg.seed, step)
             out = train_step(step_fn, optimizer, augment, train_images[idx], g, lr, device, dtype,
@@ -121,7 +136,7 @@ def main(argv: Sequence[str]) -> dict:
                 online_correct += out["online_correct"]
             step, steps_since = step + 1, steps_since + 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                loss, weights_finite = read_training_state(loss_sum, model)
+                loss, weights_finite, stop_agreed = read_training_state(loss_sum, model, stop.requested)
                 loss = check_finite(loss / steps_since, step, run_dir, wandb_run, weights_finite)
                 views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
                 stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
@@ -346,13 +361,16 @@ def finish_wandb(wandb_run, encoder: torch.nn.Module, splits: LabeledSplits, dty
     wandb_run.finish()
 
 
-def read_training_state(loss_sum: torch.Tensor, model: torch.nn.Module) -> tuple[float, bool]:
-    """(summed loss averaged over ranks, whether every parameter and batch-norm statistic is finite on every rank),
-    in one host read. A run can diverge with a finite loss: weights of 1e20 and infinite running variances."""
+def read_training_state(loss_sum: torch.Tensor, model: torch.nn.Module, stop_requested: bool
+                        ) -> tuple[float, bool, bool]:
+    """(summed loss averaged over ranks, whether every parameter and batch-norm statistic is finite on every rank,
+    whether any rank was asked to stop), in one host read. A run can diverge with a finite loss (weights of 1e20,
+    infinite running variances); ranks that got a preemption signal at different steps stop at the same one."""
     finite = torch.stack([t.isfinite().all() for t in itertools.chain(model.parameters(), model.buffers())
                           if t.is_floating_point()]).all()
-    loss, nonfinite = dist.all_reduce_mean(torch.stack([loss_sum.double(), (~finite).double()])).tolist()
-    return loss, nonfinite == 0
+    stop = torch.full((), float(stop_requested), dtype=torch.float64, device=loss_sum.device)
+    loss, nonfinite, stops = dist.all_reduce_mean(torch.stack([loss_sum.double(), (~finite).double(), stop])).tolist()
+    return loss, nonfinite == 0, stops > 0
 
 
 def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None, weights_finite: bool = True) -> float:
@@ -420,6 +438,8 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
 
 
 def restore(state: dict, model: SimCLR, optimizer) -> tuple[int, int, Optional[float]]:
+    """Weights, optimizer and RNG state of a checkpoint -> (completed epochs, step, best kNN). The step may lie inside
+    the next epoch (a checkpoint written on a preemption signal)."""
     load_strict(model, state["model"], "checkpoint")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])

@@ -38,9 +38,10 @@ class EpochSampler:
         g = torch.Generator().manual_seed(derived_seed("epoch", self.seed, epoch))
         return torch.randperm(self.num_samples, generator=g)
 
-    def batches(self, epoch: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-        """This rank's int64 index tensors [batch_size / world_size] for each step of ``epoch``."""
+    def batches(self, epoch: int, device: torch.device | str = "cpu", start: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's int64 index tensors [batch_size / world_size] for each step of ``epoch`` from step ``start``
+        of the epoch on (a run resumed from a mid-epoch checkpoint continues with exactly the batches it missed)."""
         perm = self.permutation(epoch).to(device)
-        for step in range(self.steps_per_epoch):
+        for step in range(start, self.steps_per_epoch):
             start = step * self.batch_size + self.rank * self.local
             yield perm[start:start + self.local]

@@ -15,6 +15,15 @@ class UserError(Exception):
     """
 
 
+class Stopped(Exception):
+    """A run stopped on request (a preemption signal) after saving what it needs to continue: not a failure, but
+    the job did not finish. run_cli prints ``stopped: <message>`` and exits with ``status`` (128 + the signal)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose bad-usage errors are UserErrors: one `error:` line and exit 2, like every other bad input."""
 
@@ -31,6 +40,10 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one of them says why
             print(f"error: {one_line}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Stopped as stopped:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.status)
     except BrokenPipeError:  # output piped into `head` or the like, which stopped reading: end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)

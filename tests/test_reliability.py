@@ -2,11 +2,15 @@
 divergence, resume checks, W&B without network, OS errors. Each through the real command line."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import assert_user_error, run_entry, tiny_run_args
+from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
 
 
 class Payload:
@@ -94,3 +98,42 @@ def test_a_finished_run_without_checkpoints_is_not_trained_over(tmp_path, finish
     result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
     assert_user_error(result, "holds a finished run")
     assert (run / "encoder.pt").read_bytes() == encoder and not (run / "checkpoints").exists()
+
+
+def _run_until(args, at_line: str, signum: int):
+    """Start pretrain.py/finetune.py (args[0]), send ``signum`` once a printed line starts with ``at_line``; returns
+    (exit status, output)."""
+    cmd = [sys.executable, str(REPO / args[0]), *args[1:]]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(at_line):
+            proc.send_signal(signum)
+            break
+    seen += proc.stdout.readlines()
+    return proc.wait(), "".join(seen)
+
+
+def _weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_preemption_signal_saves_the_step_and_the_rerun_ends_bit_identical(tmp_path, signum):
+    args = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1"]
+    straight = run_entry("pretrain.py", *tiny_run_args(tmp_path / "a", *args))
+    assert straight.returncode == 0, straight.stderr
+    status, output = _run_until(["pretrain.py", *tiny_run_args(tmp_path / "b", *args)], "step 8 |", signum)
+    assert status == 128 + signum, output
+    stopped = re.search(rf"stopped: {signal.Signals(signum).name} at step (\d+) \(epoch [\d.]+\); checkpoint", output)
+    assert stopped and "Traceback" not in output, output
+    saved = torch.load(tmp_path / "b" / "tiny" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["step"] == int(stopped.group(1)) >= 8  # the checkpoint is at the step it stopped at
+    resumed = run_entry("pretrain.py", *tiny_run_args(tmp_path / "b", *args))
+    assert resumed.returncode == 0 and f"resume: from epoch {saved['epoch']}, step {saved['step']}" in resumed.stdout
+    a, b = _weights(tmp_path / "a" / "tiny"), _weights(tmp_path / "b" / "tiny")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
