@@ -14,15 +14,16 @@ from typing import Optional, Sequence
 import torch
 
 from augment import NORMALIZATIONS
-from configs.load import load_config, to_dict, to_yaml
-from configs.schema import FinetuneConfig
+from configs.load import flatten, from_dict, load_config, to_dict, to_yaml
+from configs.schema import RESUMABLE_CHANGES, FinetuneConfig
 from data import load_source, split_labeled
 from engine import dist
-from engine.checkpoint import EncoderFile, load_strict, read_encoder, sha256_of
+from engine.checkpoint import EncoderFile, load_file, load_strict, read_encoder, sha256_of
 from engine.cli import UserError, run_cli
 from engine.device import resolve_device, resolve_precision
-from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, finetune_evaluation, knn_evaluation,
-                             linear_evaluation, results_record)
+from engine.evaluate import (EvalOutcome, FinetuneState, LabeledSplits, check_probe_config, finetune_evaluation,
+                             knn_evaluation, linear_evaluation, results_record)
+from engine.preemption import StopRequest
 from engine.tracking import MetricsLog, git_sha, keep_wandb_out, run_facts, start_wandb, write_results
 from models import create_encoder
 
@@ -30,6 +31,13 @@ MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
 
 
 def main(argv: Sequence[str]) -> dict:
+    """Evaluate as the command line says. Fine-tuning stops on SIGTERM, SIGUSR1 and SIGINT after a checkpoint at
+    that step; linear probes and kNN (minutes) are simply run again."""
+    with StopRequest() as stop:
+        return evaluation(argv, stop)
+
+
+def evaluation(argv: Sequence[str], stop: StopRequest) -> dict:
     # ---------------------------------------------------------------- config and checkpoint (all checks first)
     cfg = load_config(argv, FinetuneConfig)
     keep_wandb_out(cfg.wandb.mode)
@@ -42,13 +50,13 @@ def main(argv: Sequence[str]) -> dict:
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
-    for existing in ("results.json", "metrics.jsonl"):
-        if (run_dir / existing).exists():
-            raise UserError(f"run directory {str(run_dir)!r} already holds an evaluation ({existing}); "
-                            "choose another run.name or remove it")
+    if (run_dir / "results.json").exists():
+        raise UserError(f"run directory {str(run_dir)!r} already holds an evaluation (results.json: finished); "
+                        "choose another run.name or remove it")
     if cfg.eval.mode == "linear":
         check_probe_config(cfg.probe, cfg.data.val_size)
     checkpoint_sha = sha256_of(source.path) if source else None
+    resume = find_resume_state(cfg, run_dir, checkpoint_sha)
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     say(to_yaml(cfg))
 
@@ -61,7 +69,7 @@ def main(argv: Sequence[str]) -> dict:
     if cfg.eval.mode != "finetune":
         encoder.requires_grad_(False)
     say(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
-          f"from {source.path if source else 'random initialization'}")
+        f"from {source.path if source else 'random initialization'}")
 
     # ---------------------------------------------------------------- data: labeled splits on the device
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
@@ -72,7 +80,7 @@ def main(argv: Sequence[str]) -> dict:
                            data.test_images.to(device), data.test_labels.to(device), list(data.classes),
                            *input_normalization(source))
     say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
-          f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
+        f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
 
     # ---------------------------------------------------------------- evaluate
     if dist.is_main():
@@ -81,9 +89,12 @@ def main(argv: Sequence[str]) -> dict:
     wandb_run = start_wandb(cfg.wandb, job_type=cfg.eval.mode, config=to_dict(cfg), run_dir=run_dir,
                             enabled=dist.is_main(), **run_facts(device))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
+    metrics.truncate_after(resume["step"] if resume else -1)  # an unfinished evaluation continues or starts over
     if wandb_run is not None and source is not None:
         wandb_run.use_encoder(source.path, source.run_name)
-    outcome = evaluate(cfg, encoder, splits, dtype, metrics)
+    state = FinetuneState(run_dir / "checkpoints" / "last.pt", cfg.run.ckpt_every,
+                          {"config": to_dict(cfg), "checkpoint_sha256": checkpoint_sha}, resume, stop)
+    outcome = evaluate(cfg, encoder, splits, dtype, metrics, state)
 
     # ---------------------------------------------------------------- results
     record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
@@ -149,8 +160,30 @@ def default_run_name(cfg: FinetuneConfig, source: Optional[EncoderFile], arch: s
     return f"{base}-{cfg.eval.mode}{pct}-s{cfg.seed}"
 
 
+def find_resume_state(cfg: FinetuneConfig, run_dir: Path, checkpoint_sha: Optional[str]) -> Optional[dict]:
+    """A fine-tuning run's checkpoint to continue from, checked to hold the same encoder and recipe; None to start
+    (or start over: linear probes and kNN keep no checkpoints)."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if cfg.eval.mode != "finetune" or not path.is_file():
+        return None
+    state = load_file(path)
+    if "model" not in state or "config" not in state:
+        raise UserError(f"{str(path)!r} is not a fine-tuning checkpoint (no model/config)")
+    if state.get("checkpoint_sha256") != checkpoint_sha:
+        raise UserError(f"cannot resume {str(path)!r}: it fine-tunes another encoder than checkpoint={cfg.checkpoint}"
+                        " (SHA-256 differs); choose another run.name")
+    before, now = (flatten(to_dict(c)) for c in (from_dict(state["config"], FinetuneConfig), cfg))
+    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now
+               if before.get(k) != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "
+                        "choose another run.name")
+    say(f"resume: from epoch {state['epoch']}, step {state['step']} ({path})")
+    return state
+
+
 def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype,
-             metrics: MetricsLog) -> EvalOutcome:
+             metrics: MetricsLog, state: FinetuneState) -> EvalOutcome:
     if cfg.eval.mode == "knn":
         return knn_evaluation(encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                               vote=cfg.eval.knn_vote, dtype=dtype)
@@ -158,7 +191,7 @@ def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplit
         return linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype, augment=cfg.eval.augment,
                                  refit_allowed=cfg.eval.label_fraction == 1, log=say)
     return finetune_evaluation(encoder, splits, cfg.train, cfg.optim, seed=cfg.seed, dtype=dtype,
-                               val_every=cfg.eval.val_every, metrics=metrics)
+                               val_every=cfg.eval.val_every, metrics=metrics, state=state)
 
 
 def final_epoch(cfg: FinetuneConfig) -> int:

@@ -160,6 +160,7 @@ class FinetuneEvalConfig:
 class FinetuneRunConfig:
     dir: str = "runs"
     name: str = ""  # empty = <checkpoint run>-<mode>[-<pct>pct]-s<seed>
+    ckpt_every: int = 1  # finetune mode: epochs between checkpoints (also written at the end and on a stop signal)
     backend: str = "auto"  # process group under torchrun: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo
 
 

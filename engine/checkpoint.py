@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 import tempfile
 from dataclasses import dataclass
@@ -47,13 +46,14 @@ def load_file(path: Path, what: str = "checkpoint") -> dict:
         raise UserError(f"{what} {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global: the file wants to run or build objects
+    except Exception as err:  # pickle, zip and torch errors: not a checkpoint, or one that wants to run code
         culprit = re.search(r"GLOBAL ([\w.]+)", str(err))
-        named = f" (it names {culprit.group(1)})" if culprit else ""
-        raise UserError(f"{str(path)!r} holds more than tensors and plain values{named}, so it was not loaded: a "
-                        "checkpoint from elsewhere must never run code") from None
-    except Exception as err:  # zip and torch errors: not a checkpoint
-        raise UserError(f"{str(path)!r} is not a readable {what}: {type(err).__name__}: {err}") from None
+        if culprit:  # weights_only refused a function or class the file asks to call
+            raise UserError(f"{str(path)!r} holds more than tensors and plain values (it names {culprit.group(1)}), "
+                            "so it was not loaded: a checkpoint from elsewhere must never run code") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise UserError(f"{str(path)!r} is not a readable {what}: "
+                        f"{reason.group(1) if reason else f'{type(err).__name__}: {err}'}") from None
     if not isinstance(state, dict):
         raise UserError(f"{str(path)!r} is not a {what} (holds {type(state).__name__})")
     return state

@@ -6,9 +6,11 @@ validation split, which is held out of the training split; the test split never 
 """
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -19,11 +21,13 @@ from augment.ops import normalize, padded_crop_flip, sample_crop_flip
 from configs.schema import OptimConfig, ProbeConfig, TrainConfig
 from data import EpochSampler, seeded_generator
 from engine.accuracy import classification_report, topk_accuracy
-from engine.cli import UserError
+from engine.checkpoint import atomic_save
+from engine.cli import Stopped, UserError
 from engine.device import autocast
 from engine import dist
 from engine.knn import extract_features_sharded, knn_predict
-from engine.optim import create_optimizer, effective_lr, lr_at
+from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
+from engine.preemption import StopRequest
 from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
 from engine.tracking import MetricsLog, format_metrics
 
@@ -155,12 +159,27 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
+@dataclass
+class FinetuneState:
+    """Where fine-tuning checkpoints go and what they carry, and how to stop: a run that is killed, preempted or
+    requeued continues from its last checkpoint with the same command and ends with the same numbers."""
+
+    path: Optional[Path] = None  # checkpoints/last.pt of the evaluation run; None: no checkpoints
+    every: int = 1  # epochs between checkpoints (also written at the end and on a stop signal)
+    provenance: dict = field(default_factory=dict)  # saved beside the weights (config, encoder SHA-256) and checked
+    resume: Optional[dict] = None  # a checkpoint read back: continue from it
+    stop: Optional[StopRequest] = None  # polled between steps
+
+
 def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainConfig, optim: OptimConfig, *,
-                        seed: int, dtype: torch.dtype, val_every: int, metrics: MetricsLog) -> EvalOutcome:
+                        seed: int, dtype: torch.dtype, val_every: int, metrics: MetricsLog,
+                        state: Optional[FinetuneState] = None) -> EvalOutcome:
     """Fine-tune the whole network plus a new head on the labeled training images; score test at the end.
 
-    SGD (Nesterov by default) with warm-up + cosine per step, random crop (padding 4) + flip on the device.
+    SGD (Nesterov by default) with warm-up + cosine per step, random crop (padding 4) + flip on the device. The
+    step's augmentation and the epoch's order derive from (seed, step) and (seed, epoch), so resuming is exact.
     """
+    state = state or FinetuneState()
     device = splits.train_labels.device
     try:
         sampler = EpochSampler(len(splits.train_labels), train.batch_size, seed, dist.rank(), dist.world_size())
@@ -170,17 +189,26 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
     peak = effective_lr(optim.base_lr, train.batch_size)
     optimizer = create_optimizer(optim.name, model, lr=peak, weight_decay=optim.weight_decay,
                                  momentum=optim.momentum, nesterov=optim.nesterov)
-    total = train.epochs * sampler.steps_per_epoch
     schedule = partial(lr_at, peak_lr=peak, warmup_steps=round(optim.warmup_epochs * sampler.steps_per_epoch),
-                       total_steps=total, min_lr=optim.min_lr_ratio * peak)
+                       total_steps=train.epochs * sampler.steps_per_epoch, min_lr=optim.min_lr_ratio * peak)
     step_model = dist.wrap_ddp(model, device)  # gradients averaged over ranks under torchrun
     step_model = torch.compile(step_model) if train.compile else step_model
     predict = partial(extract_features_sharded, model, mean=splits.mean, std=splits.std, dtype=dtype)  # [N, C]
-    val_top1, step = None, 0
-    for epoch in range(train.epochs):
+    val_top1, step, start_epoch, stop_agreed = None, 0, 0, False
+    if state.resume is not None:
+        model.load_state_dict(state.resume["model"])
+        optimizer.load_state_dict(state.resume["optimizer"])
+        step, start_epoch, val_top1 = state.resume["step"], state.resume["epoch"], state.resume.get("val_top1")
+    save = partial(_save_finetune_state, state, model, optimizer)
+    for epoch in range(start_epoch, train.epochs):
         model.train()
         loss_sum, seen, tick = torch.zeros((), device=device), 0, time.perf_counter()
-        for idx in sampler.batches(epoch, device):
+        for idx in sampler.batches(epoch, device, start=step - epoch * sampler.steps_per_epoch):
+            if stop_agreed or (state.stop is not None and state.stop.requested and dist.world_size() == 1):
+                save(step, epoch, val_top1)
+                raise Stopped(f"{state.stop.name or 'a stop signal on another rank'} at step {step}; checkpoint "
+                              f"{state.path} written; the same command continues from there",
+                              128 + (state.stop.signum or signal.SIGTERM))
             g = seeded_generator(device, "finetune", seed, step, dist.rank())
             x = _augment_batch(splits.train_images[idx], splits, g)
             with autocast(device, dtype):
@@ -188,26 +216,41 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             lr = schedule(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             optimizer.step()
             loss_sum += loss.detach()
             step, seen = step + 1, seen + 1
-            if step % train.log_every == 0 or seen == sampler.steps_per_epoch:  # the only host syncs
+            if step % train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
+                wants_stop = float(state.stop is not None and state.stop.requested)
+                loss_mean, stops = dist.all_reduce_mean(torch.stack([loss_sum, torch.full_like(loss_sum, wants_stop)]
+                                                                    )).tolist()
+                stop_agreed = stops > 0  # ranks signalled at different steps stop at the same one
                 record = metrics.log(step, step / sampler.steps_per_epoch, {
-                    "train/loss": dist.all_reduce_mean(loss_sum).item() / seen,
-                    "train/lr": lr, "train/base_lr": optim.base_lr,
+                    "train/loss": loss_mean / seen, "train/lr": lr, "train/base_lr": optim.base_lr,
                     "train/images_per_s": seen * train.batch_size / (time.perf_counter() - tick)})
                 if dist.is_main():
                     print(format_metrics(record), flush=True)
+                loss_sum.zero_()
+                seen, tick = 0, time.perf_counter()
         done = epoch + 1
         if len(splits.val_labels) and ((val_every and done % val_every == 0) or done == train.epochs):
             val_top1 = topk_accuracy(predict(splits.val_images), splits.val_labels)
             record = metrics.log(step, done, {"val/top1": val_top1})
             if dist.is_main():
                 print(format_metrics(record), flush=True)
+        if done % state.every == 0 or done == train.epochs:
+            save(step, done, val_top1)
     return EvalOutcome(predict(splits.test_images), val_top1, len(splits.train_labels),
                        {"finetune/steps": step, "finetune/peak_lr": peak})
+
+
+def _save_finetune_state(state: FinetuneState, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                         epoch: int, val_top1: Optional[float]) -> None:
+    """Atomically, by rank 0: weights, optimizer, step, completed epochs, last validation top-1, provenance."""
+    if state.path is not None and dist.is_main():
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                     "val_top1": val_top1, **state.provenance}, state.path)
+    dist.barrier()
 
 
 def results_record(outcome: EvalOutcome, splits: LabeledSplits, *, mode: str, label_fraction: float,

@@ -137,3 +137,72 @@ def test_a_preemption_signal_saves_the_step_and_the_rerun_ends_bit_identical(tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))
+
+
+def _finetune_args(run_dir, checkpoint, *extra):
+    return ["data.name=synthetic", "device=cpu", "data.val_size=500", "data.train_limit=1000", "train.epochs=4",
+            "train.batch_size=100", "train.log_every=1", "eval.mode=finetune", "eval.val_every=1",
+            f"checkpoint={checkpoint}", "wandb.mode=disabled", f"run.dir={run_dir}", "run.name=ft", *extra]
+
+
+RESULT_NUMBERS = ("test/top1", "test/top5", "val/top1", "test/confusion", "test/per_class", "finetune/steps")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_finetuning(tmp_path_factory, finished_run):
+    root = tmp_path_factory.mktemp("finetune")
+    result = run_entry("finetune.py", *_finetune_args(root, finished_run))
+    assert result.returncode == 0, result.stderr
+    return json.loads((root / "ft" / "results.json").read_text()), _weights(root / "ft")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_fine_tuning_stopped_by_a_signal_continues_to_the_same_results(tmp_path, finished_run,
+                                                                        uninterrupted_finetuning, signum):
+    expected, weights = uninterrupted_finetuning
+    status, output = _run_until(["finetune.py", *_finetune_args(tmp_path, finished_run)], "step 12 |", signum)
+    assert status == 128 + signum and f"stopped: {signal.Signals(signum).name} at step" in output, output
+    saved = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)
+    assert 12 <= saved["step"] < 20 and not (tmp_path / "ft" / "results.json").exists()  # 10 steps per epoch
+    resumed = run_entry("finetune.py", *_finetune_args(tmp_path, finished_run))
+    assert resumed.returncode == 0 and f"resume: from epoch 1, step {saved['step']}" in resumed.stdout, resumed.stderr
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert {k: results[k] for k in RESULT_NUMBERS} == {k: expected[k] for k in RESULT_NUMBERS}
+    final = _weights(tmp_path / "ft")
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+
+
+def test_fine_tuning_killed_with_sigkill_continues_to_the_same_results(tmp_path, finished_run,
+                                                                        uninterrupted_finetuning):
+    expected, _ = uninterrupted_finetuning
+    status, _ = _run_until(["finetune.py", *_finetune_args(tmp_path, finished_run)], "step 14 |", signal.SIGKILL)
+    assert status == -signal.SIGKILL
+    assert torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    resumed = run_entry("finetune.py", *_finetune_args(tmp_path, finished_run))
+    assert resumed.returncode == 0 and "resume: from epoch 1, step 10" in resumed.stdout, resumed.stderr
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert {k: results[k] for k in RESULT_NUMBERS} == {k: expected[k] for k in RESULT_NUMBERS}
+    steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(12) == 1  # steps redone after the kill are logged once
+
+
+def test_an_unfinished_linear_probe_runs_again_and_a_finished_one_is_kept(tmp_path, finished_run):
+    args = ["data.name=synthetic", "device=cpu", "data.val_size=500", "probe.epochs=3", "eval.mode=linear",
+            f"checkpoint={finished_run}", "wandb.mode=disabled", f"run.dir={tmp_path}", "run.name=lin"]
+    (tmp_path / "lin").mkdir()
+    (tmp_path / "lin" / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "train/loss": 1.0}\n')  # a killed run
+    first = run_entry("finetune.py", *args)
+    assert first.returncode == 0, first.stderr
+    assert "train/loss" not in (tmp_path / "lin" / "metrics.jsonl").read_text()  # started over
+    results = (tmp_path / "lin" / "results.json").read_bytes()
+    assert_user_error(run_entry("finetune.py", *args), "already holds an evaluation")
+    assert (tmp_path / "lin" / "results.json").read_bytes() == results
+
+
+def test_fine_tuning_refuses_to_resume_with_another_encoder_or_recipe(tmp_path, finished_run):
+    status, _ = _run_until(["finetune.py", *_finetune_args(tmp_path, finished_run)], "step 6 |", signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM
+    assert_user_error(run_entry("finetune.py", *_finetune_args(tmp_path, finished_run, "optim.base_lr=0.5")),
+                      "optim.base_lr: 0.05 -> 0.5")
+    assert_user_error(run_entry("finetune.py", *_finetune_args(tmp_path, "none", "model.arch=resnet18",
+                                                               "model.width=4")), "another encoder")
