@@ -8,6 +8,7 @@ The run directory <run.dir>/<run.name>/ gets config.yaml, metrics.jsonl, results
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +25,7 @@ from engine.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, FinetuneState, LabeledSplits, check_probe_config, finetune_evaluation,
                              knn_evaluation, linear_evaluation, results_record)
 from engine.preemption import StopRequest
+from engine.runlock import hold_run_dir
 from engine.tracking import MetricsLog, git_sha, keep_wandb_out, run_facts, start_wandb, write_results
 from models import create_encoder
 
@@ -33,11 +35,11 @@ MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
 def main(argv: Sequence[str]) -> dict:
     """Evaluate as the command line says. Fine-tuning stops on SIGTERM, SIGUSR1 and SIGINT after a checkpoint at
     that step; linear probes and kNN (minutes) are simply run again."""
-    with StopRequest() as stop:
-        return evaluation(argv, stop)
+    with contextlib.ExitStack() as held:
+        return evaluation(argv, held)
 
 
-def evaluation(argv: Sequence[str], stop: StopRequest) -> dict:
+def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- config and checkpoint (all checks first)
     cfg = load_config(argv, FinetuneConfig)
     keep_wandb_out(cfg.wandb.mode)
@@ -50,6 +52,8 @@ def evaluation(argv: Sequence[str], stop: StopRequest) -> dict:
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
+    held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
+    stop = held.enter_context(StopRequest()) if cfg.eval.mode == "finetune" else None  # others just die and rerun
     if (run_dir / "results.json").exists():
         raise UserError(f"run directory {str(run_dir)!r} already holds an evaluation (results.json: finished); "
                         "choose another run.name or remove it")

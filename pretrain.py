@@ -6,6 +6,7 @@ uint8 batch on the device -> two augmented views -> encoder + head -> NT-Xent ->
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ from engine.accuracy import topk_accuracy
 from engine.knn import extract_features, extract_features_sharded, knn_top1
 from engine.plots import view_pair_grid
 from engine.preemption import StopRequest
+from engine.runlock import hold_run_dir
 from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
 from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
                              write_results)
@@ -43,11 +45,11 @@ from models.view_bn import per_view_batch_norm
 
 def main(argv: Sequence[str]) -> dict:
     """Pretrain as the command line says; SIGTERM, SIGUSR1 and SIGINT stop it after a checkpoint at that step."""
-    with StopRequest() as stop:
-        return pretrain(argv, stop)
+    with StopRequest() as stop, contextlib.ExitStack() as held:
+        return pretrain(argv, stop, held)
 
 
-def pretrain(argv: Sequence[str], stop: StopRequest) -> dict:
+def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- config
     cfg = load_config(argv, PretrainConfig)
     keep_wandb_out(cfg.wandb.mode)
@@ -55,6 +57,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest) -> dict:
     dtype = resolve_precision(cfg.train.precision, device)
     check_config(cfg)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
+    held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
     resume = find_resume_state(cfg, run_dir)  # validated before anything is written
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     if dist.is_main():

@@ -114,6 +114,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s picklable ``obj`` on every rank (the identity in a single process)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of x over ranks, as a new tensor (x is left as is)."""
     return all_reduce_sum(x.clone()) / world_size()

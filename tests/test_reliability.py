@@ -4,8 +4,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -206,3 +208,38 @@ def test_fine_tuning_refuses_to_resume_with_another_encoder_or_recipe(tmp_path, 
                       "optim.base_lr: 0.05 -> 0.5")
     assert_user_error(run_entry("finetune.py", *_finetune_args(tmp_path, "none", "model.arch=resnet18",
                                                                "model.width=4")), "another encoder")
+
+
+def test_a_second_identical_command_is_refused_while_the_first_trains(tmp_path):
+    args = tiny_run_args(tmp_path, "train.epochs=3", "train.log_every=1", "eval.knn_every=0")
+    first = subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), *args], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in first.stdout:
+        if line.startswith("step 1 |"):
+            break
+    second = run_entry("pretrain.py", *args)  # a double submit
+    assert_user_error(second, f"is in use by pid {first.pid} on {socket.gethostname()}")
+    first.stdout.read()
+    assert first.wait() == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 18  # every step once, from one writer
+    assert not (tmp_path / "tiny" / ".lock").exists()
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run = tmp_path / "tiny"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "started": "earlier"}))
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert result.returncode == 0, result.stderr
+    # A holder on another node: refused while its heartbeat is fresh, taken over once it is stale.
+    lock.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "started": "earlier"}))
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0")),
+                      "is in use by pid 1 on node-elsewhere")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0"))
+    assert result.returncode == 0 and "resume: from epoch 1" in result.stdout, result.stderr
+    assert not lock.exists()
