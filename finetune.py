@@ -26,7 +26,8 @@ from engine.evaluate import (EvalOutcome, FinetuneState, LabeledSplits, check_pr
                              knn_evaluation, linear_evaluation, results_record)
 from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
-from engine.tracking import MetricsLog, git_sha, keep_wandb_out, run_facts, start_wandb, write_results
+from engine.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
+                             write_results)
 from models import create_encoder
 
 MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
@@ -61,6 +62,7 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
         check_probe_config(cfg.probe, cfg.data.val_size)
     checkpoint_sha = sha256_of(source.path) if source else None
     resume = find_resume_state(cfg, run_dir, checkpoint_sha)
+    wandb_cfg = decide_wandb_mode(cfg.wandb)  # online | offline in seconds, before any data is loaded
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     say(to_yaml(cfg))
 
@@ -90,7 +92,7 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    wandb_run = start_wandb(cfg.wandb, job_type=cfg.eval.mode, config=to_dict(cfg), run_dir=run_dir,
+    wandb_run = start_wandb(wandb_cfg, job_type=cfg.eval.mode, config=to_dict(cfg), run_dir=run_dir,
                             enabled=dist.is_main(), **run_facts(device))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     metrics.truncate_after(resume["step"] if resume else -1)  # an unfinished evaluation continues or starts over

@@ -35,8 +35,8 @@ from engine.plots import view_pair_grid
 from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
 from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
-from engine.tracking import (MetricsLog, format_metrics, git_sha, keep_wandb_out, run_facts, start_wandb, write_json,
-                             write_results)
+from engine.tracking import (MetricsLog, decide_wandb_mode, format_metrics, git_sha, keep_wandb_out, run_facts,
+                             start_wandb, write_json, write_results)
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn
@@ -59,6 +59,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
     resume = find_resume_state(cfg, run_dir)  # validated before anything is written
+    wandb_cfg = decide_wandb_mode(cfg.wandb)  # online | offline in seconds, before any data is loaded
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     if dist.is_main():
         print(to_yaml(cfg), flush=True)
@@ -99,7 +100,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    wandb_run = start_wandb(cfg.wandb, job_type="pretrain", config=to_dict(cfg), run_dir=run_dir,
+    wandb_run = start_wandb(wandb_cfg, job_type="pretrain", config=to_dict(cfg), run_dir=run_dir,
                             run_id=resume.get("wandb_run_id") if resume else None, enabled=dist.is_main(),
                             **run_facts(device))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)

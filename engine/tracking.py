@@ -5,6 +5,7 @@ through :class:`MetricsLog`, which writes metrics.jsonl and forwards the same sl
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from engine import dist
+from engine.cli import UserError
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -83,13 +85,24 @@ class WandbRun:
                  extra_config: Optional[Dict[str, Any]] = None) -> None:
         import wandb  # imported here: with wandb.mode=disabled it is never imported at all
 
-        mode = cfg.mode if cfg.mode != "auto" else ("online" if has_wandb_credentials() else "offline")
+        mode = resolve_wandb_mode(cfg.mode) if cfg.mode == "auto" else cfg.mode  # entrypoints decide it early
         (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or Path(run_dir).name,
-            tags=list(cfg.tags), notes=cfg.notes, job_type=job_type, mode=mode, dir=str(run_dir),
-            config={**config, **(extra_config or {})}, id=run_id, resume="allow" if run_id else None,
-            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+        init = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or Path(run_dir).name,
+                    tags=list(cfg.tags), notes=cfg.notes, job_type=job_type, dir=str(run_dir),
+                    config={**config, **(extra_config or {})}, id=run_id, resume="allow" if run_id else None)
+        settings = dict(console="off", x_disable_stats=True, silent=True)
+        try:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S, **settings), **init)
+        except Exception as err:  # the server answered the probe, then failed: never lose the run to tracking
+            if mode == "online" and cfg.mode == "online":
+                raise UserError(f"wandb.mode=online but W&B could not start a run ({type(err).__name__}: {err}); "
+                                "use wandb.mode=offline or auto") from None
+            if mode == "offline":
+                raise
+            mode = "offline"
+            print(f"wandb: could not start an online run ({type(err).__name__}); logging offline instead",
+                  file=sys.stderr, flush=True)
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **init)
         self.mode = mode
         # Epoch-level metrics are plotted against epochs, step-level ones against steps.
         self.run.define_metric("step")
@@ -100,9 +113,6 @@ class WandbRun:
             self.run.define_metric(pattern, step_metric="epoch")
         self.run.define_metric("knn/top1", step_metric="epoch", summary="max")
         self.run.define_metric("knn/top1", step_metric="epoch", summary="last")
-        if mode == "offline" and cfg.mode == "auto":
-            print(f"wandb: no credentials found, writing offline to {run_dir}/wandb; upload later with "
-                  f"`wandb sync {run_dir}/wandb/offline-run-*`", file=sys.stderr, flush=True)
 
     @property
     def id(self) -> str:
@@ -187,6 +197,23 @@ def keep_wandb_out(mode: str) -> None:
         sys.modules.setdefault("wandb", None)
 
 
+def decide_wandb_mode(cfg):
+    """``cfg`` (the wandb section) with its mode decided (online | offline | disabled) before any data is loaded:
+    rank 0 asks the server (:func:`resolve_wandb_mode`), every rank gets the answer, or stops with the same error."""
+    if cfg.mode == "disabled":
+        return cfg
+    decided, problem = None, None
+    if dist.is_main():
+        try:
+            decided = resolve_wandb_mode(cfg.mode)
+        except UserError as err:
+            problem = str(err)
+    decided, problem = dist.broadcast_object((decided, problem))
+    if problem:
+        raise UserError(problem)
+    return dataclasses.replace(cfg, mode=decided)
+
+
 def start_wandb(cfg, *, job_type: str, config: Dict[str, Any], run_dir: Path, run_id: Optional[str] = None,
                 enabled: bool = True, **extra_config) -> Optional[WandbRun]:
     """A :class:`WandbRun` unless ``wandb.mode=disabled`` or this is not rank 0 (then None, wandb not imported)."""
@@ -201,6 +228,49 @@ def run_facts(device) -> Dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"git_sha": git_sha(), "world_size": dist.world_size(), "device_name": name,
             "torch_version": torch.__version__}
+
+
+PROBE_TIMEOUT_S = 5.0  # how long a node may take to show it can reach the W&B server
+INIT_TIMEOUT_S = 30.0  # wandb.init's own limit once the server answered (its default is 90 s)
+
+
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+def server_answers(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether an HTTP server answers at ``url`` within ``timeout`` seconds (any status counts as an answer)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:  # it answered, with an error status: the network is there
+        return True
+    except (OSError, ValueError):  # refused, unreachable, DNS, timeout (socket.timeout is an OSError)
+        return False
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """online | offline for ``wandb.mode`` (auto | online | offline), decided in seconds: compute nodes often have
+    no network, and wandb itself would stall for minutes before failing. auto: online when credentials exist and
+    the server answers, else offline with one line on how to sync; online without an answer: an error, before any
+    training starts."""
+    if mode == "offline":
+        return "offline"
+    if mode == "auto" and not has_wandb_credentials():
+        print("wandb: no credentials found (WANDB_API_KEY or ~/.netrc); logging offline, upload later with "
+              "`wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr, flush=True)
+        return "offline"
+    if server_answers(f"{wandb_server()}/healthz"):
+        return "online"
+    if mode == "online":
+        raise UserError(f"wandb.mode=online but the W&B server {wandb_server()} did not answer within "
+                        f"{PROBE_TIMEOUT_S:.0f} s (no network on this node?); use wandb.mode=offline or auto")
+    print(f"wandb: the W&B server {wandb_server()} did not answer within {PROBE_TIMEOUT_S:.0f} s; logging offline "
+          "(upload later with `wandb sync`)", file=sys.stderr, flush=True)
+    return "offline"
 
 
 def has_wandb_credentials() -> bool:

@@ -243,3 +243,29 @@ def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(tmp_path):
     result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0"))
     assert result.returncode == 0 and "resume: from epoch 1" in result.stdout, result.stderr
     assert not lock.exists()
+
+
+def test_wandb_without_network_decides_within_seconds(tmp_path):
+    """A W&B server that accepts connections and never answers (127.0.0.1 only): auto falls back to offline and the
+    run completes; online stops with an error line before any training."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        env = {**os.environ, "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "HOME": str(tmp_path),
+               "WANDB_API_KEY": "0" * 40, "PYTHONUNBUFFERED": "1"}
+        env.pop("WANDB_MODE", None)
+
+        def pretrain(where, mode):
+            cmd = [sys.executable, str(REPO / "pretrain.py"),
+                   *tiny_run_args(tmp_path / where, "train.epochs=1", "eval.knn_every=0", f"wandb.mode={mode}")]
+            tick = time.monotonic()
+            result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            return result, time.monotonic() - tick
+
+        auto, _ = pretrain("auto", "auto")
+        assert auto.returncode == 0, auto.stderr[-2000:]
+        assert "did not answer within 5 s; logging offline" in auto.stderr
+        assert list((tmp_path / "auto" / "tiny" / "wandb").glob("offline-run-*"))
+        online, seconds = pretrain("online", "online")
+        assert_user_error(online, "wandb.mode=online but the W&B server http://127.0.0.1")
+        assert seconds < 60 and not (tmp_path / "online").exists()  # stopped before writing anything
