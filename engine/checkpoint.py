@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -24,14 +25,23 @@ def atomic_save(obj: Any, file: Path) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp", delete=False)
     try:
+        buffer = io.BytesIO()  # serialize in memory, then write: a full disk is then an OSError (ENOSPC), where
+        torch.save(obj, buffer)  # torch.save into the file would fail with an opaque RuntimeError
         with tmp:
-            torch.save(obj, tmp)
+            tmp.write(buffer.getbuffer())
             tmp.flush()
             os.fsync(tmp.fileno())
+        os.chmod(tmp.name, 0o666 & ~_umask())  # as open() would create it: teammates can read it if the umask says
         os.replace(tmp.name, file)
     except BaseException:
         Path(tmp.name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def load_file(path: Path, what: str = "checkpoint") -> dict:

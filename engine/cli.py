@@ -40,6 +40,11 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one of them says why
             print(f"error: {one_line}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as err:  # the machine, not the code: disk full, read-only or vanished file system, permissions
+        if os.environ.get("RANK", "0") == "0":
+            where = f" ({err.filename})" if err.filename else ""
+            print(f"error: {err.strerror or err}{where}; files written before are intact", file=sys.stderr, flush=True)
+        sys.exit(2)
     except Stopped as stopped:
         if os.environ.get("RANK", "0") == "0":
             print(f"stopped: {stopped}", file=sys.stderr, flush=True)

@@ -60,9 +60,9 @@ class RunLock:
     def acquire(self) -> Optional[str]:
         """Take the lock; None when held, else why not (the holder)."""
         self.created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]  # removed if left empty
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 found = _read(self.path)
@@ -78,6 +78,8 @@ class RunLock:
                     os.replace(self.path, self.path.with_name(f"{LOCK_NAME}.abandoned-{os.getpid()}"))
                     os.unlink(self.path.with_name(f"{LOCK_NAME}.abandoned-{os.getpid()}"))
                 continue
+            except OSError as err:  # read-only file system, permissions, disk full: found before any data loads
+                return f"cannot write to run directory {str(self.run_dir)!r}: {err.strerror or err}"
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
             threading.Thread(target=self._heartbeat, daemon=True).start()

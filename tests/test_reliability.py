@@ -269,3 +269,55 @@ def test_wandb_without_network_decides_within_seconds(tmp_path):
         online, seconds = pretrain("online", "online")
         assert_user_error(online, "wandb.mode=online but the W&B server http://127.0.0.1")
         assert seconds < 60 and not (tmp_path / "online").exists()  # stopped before writing anything
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, read_only) -> a fresh tmpfs directory, or None where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False):
+        target = tmp_path / f"fs{len(mounted)}"
+        target.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                          capture_output=True).returncode != 0:
+            return None
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_disk_full_while_checkpointing_is_an_error_line_and_keeps_the_previous_checkpoint(tmp_path, tmpfs):
+    small = tmpfs("700k")  # room for one checkpoint of the tiny model (~470 kB), not for its successor beside it
+    root = small if small is not None else tmp_path
+    args = tiny_run_args(root, "train.epochs=3", "eval.knn_every=0", "run.ckpt_every=1")
+    if small is None:  # no tmpfs here: the same failure, simulated at the second checkpoint (a stand-in torch.save)
+        stand_in = tmp_path / "sitecustomize.py"
+        stand_in.write_text("import torch\nreal, calls = torch.save, []\n"
+                            "def save(*a, **k):\n    calls.append(1)\n"
+                            "    if len(calls) == 2:\n        raise OSError(28, 'No space left on device')\n"
+                            "    return real(*a, **k)\ntorch.save = save\n")
+        result = subprocess.run([sys.executable, str(REPO / "pretrain.py"), *args], cwd=REPO, text=True,
+                                capture_output=True, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    else:
+        result = run_entry("pretrain.py", *args)
+    assert_user_error(result, "No space left on device")
+    last = root / "tiny" / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)  # the previous checkpoint, whole
+    assert saved["epoch"] == 1 and not list(last.parent.glob(".*.tmp"))
+
+
+def test_a_read_only_run_directory_is_found_before_data_loads(tmp_path, tmpfs):
+    read_only = tmpfs("1m", read_only=True)
+    if read_only is None:
+        if os.geteuid() == 0:
+            pytest.skip("needs a read-only directory: mount is not allowed here and root can write anywhere")
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+    result = run_entry("pretrain.py", *tiny_run_args(read_only, "data.name=folder", "data.root=/no/such/archive"))
+    assert_user_error(result, "cannot write to run directory")  # not the missing data, which would be found later
