@@ -87,6 +87,11 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
                            *input_normalization(source))
     say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
         f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
+    if not len(data.test_labels):  # found before the run directory is written
+        raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*); evaluations score it")
+    if cfg.eval.mode == "finetune" and cfg.train.batch_size > len(train_idx):
+        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_idx)} labeled training "
+                        "images; lower train.batch_size")
 
     # ---------------------------------------------------------------- evaluate
     if dist.is_main():

@@ -206,6 +206,9 @@ def load_splits(cfg: PretrainConfig, device: torch.device) -> LabeledSplits:
     """uint8 train / validation / test images and labels on ``device``, with the encoder's input normalization. The
     validation split (data.val_size) is held out of train; the test split is only read by evaluations."""
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    if not len(data.test_labels) and (cfg.eval.knn_test_monitor or cfg.eval.online_linear or cfg.eval.linear_at_end):
+        raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*), which eval.knn_test_monitor, "
+                        "eval.online_linear and eval.linear_at_end score")
     train_idx, val_idx = split_train_val(data.train_labels, cfg.data.val_size, cfg.data.train_limit,
                                          cfg.data.split_seed)
     return LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),

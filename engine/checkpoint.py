@@ -123,6 +123,11 @@ def read_encoder(spec: str) -> EncoderFile:
                         f"(keys: {', '.join(sorted(map(str, state))[:6])})")
     if not encoder_state:
         raise UserError(f"{str(path)!r} holds no encoder weights")
+    broken = [k for k, t in encoder_state.items() if torch.is_tensor(t) and t.is_floating_point()
+              and not bool(t.isfinite().all())]
+    if broken:  # a diverged run's weights: evaluating them would report chance accuracy as a result
+        raise UserError(f"{str(path)!r} holds non-finite encoder weights (NaN or inf in {', '.join(broken[:3])}"
+                        f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); it is not evaluated")
     return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize)
 
 

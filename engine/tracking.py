@@ -67,9 +67,9 @@ class MetricsLog:
 
 
 def _complete(line: str) -> bool:
-    try:  # a line cut by a kill mid-write is dropped
-        json.loads(line)
-        return True
+    """A whole record: a line cut by a kill mid-write, or anything but a JSON object (`null`), is dropped."""
+    try:
+        return isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
         return False
 

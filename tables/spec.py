@@ -16,6 +16,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from configs.load import config_keys
+from configs.schema import PretrainConfig
 from engine.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +115,13 @@ def load_table(name_or_path: str) -> TableSpec:
         raise UserError(f"no table {name_or_path!r}; available: {', '.join(available_tables())} "
                         "(or the path of a spec file)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, (dict, type(None))):
+            raise UserError(f"table spec {str(path)!r} must be a mapping of keys (name, title, rows, ...), not a "
+                            f"{type(raw).__name__}")
         spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TableSpec), raw or {}))
+    except UnicodeDecodeError as err:
+        raise UserError(f"table spec {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise UserError(f"table spec {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     except OmegaConfBaseException as err:
@@ -137,6 +144,8 @@ def check_table(spec: TableSpec, path: Path) -> None:
         if column.evaluation != PRETRAIN and column.evaluation not in spec.evaluations:
             raise UserError(f"{where}: column {column.name!r} reads evaluation {column.evaluation!r}, which is not "
                             f"one of pretrain, {', '.join(spec.evaluations)}")
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", spec.name):  # it names directories under --runs-dir
+        raise UserError(f"{where}: name {spec.name!r} may hold only letters, digits, '.', '_' and '-'")
     names = [row.name for row in spec.rows]
     if not names or len(set(names)) != len(names):
         raise UserError(f"{where}: rows must be present and have unique names")
@@ -155,5 +164,9 @@ def check_table(spec: TableSpec, path: Path) -> None:
             raise UserError(f"{where}: row {row.name!r} overrides unknown evaluations {sorted(extra)}")
     if spec.plot is not None and spec.plot.column not in columns:
         raise UserError(f"{where}: plot.column {spec.plot.column!r} is not a column")
+    keys = config_keys(PretrainConfig)
+    for axis, key in (("x", spec.plot.x if spec.plot else None), ("series", spec.plot.series if spec.plot else None)):
+        if key is not None and key not in keys:  # checked before anything runs or is written
+            raise UserError(f"{where}: plot.{axis} {key!r} is not a pretraining config key")
     if not spec.seeds:
         raise UserError(f"{where}: seeds must list at least one seed")

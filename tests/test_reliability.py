@@ -321,3 +321,64 @@ def test_a_read_only_run_directory_is_found_before_data_loads(tmp_path, tmpfs):
         read_only.chmod(0o555)
     result = run_entry("pretrain.py", *tiny_run_args(read_only, "data.name=folder", "data.root=/no/such/archive"))
     assert_user_error(result, "cannot write to run directory")  # not the missing data, which would be found later
+
+
+def test_files_respect_the_umask(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "pretrain.py"),
+                             *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0")], cwd=REPO,
+                            capture_output=True, text=True, preexec_fn=lambda: os.umask(0o027))
+    assert result.returncode == 0, result.stderr
+    for name in ("encoder.pt", "checkpoints/last.pt", "summary.json", "metrics.jsonl", "config.yaml"):
+        assert (tmp_path / "tiny" / name).stat().st_mode & 0o777 == 0o640, name  # group-readable, as asked
+
+
+def test_an_encoder_with_non_finite_weights_is_refused(tmp_path, finished_run):
+    state = torch.load(finished_run / "encoder.pt", weights_only=True)
+    state["encoder"]["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "encoder.pt")
+    result = run_entry("finetune.py", f"checkpoint={tmp_path / 'encoder.pt'}", "eval.mode=knn", "data.name=synthetic",
+                       "device=cpu", f"run.dir={tmp_path / 'eval'}")
+    assert_user_error(result, "non-finite encoder weights (NaN or inf in layer1.0.conv1.weight)")
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_folder_without_a_test_split_and_a_late_bad_value_leave_nothing_behind(tmp_path, finished_run):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "data" / "train" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (32, 32), (i * 10, 50, 100)).save(tmp_path / "data" / "train" / cls / f"{i}.png")
+    no_test = run_entry("finetune.py", f"checkpoint={finished_run}", "eval.mode=knn", "data.name=folder",
+                        f"data.root={tmp_path / 'data'}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=4",
+                        "device=cpu", "wandb.mode=disabled", f"run.dir={tmp_path / 'eval'}")
+    assert_user_error(no_test, "has no test split")
+    too_big = run_entry("finetune.py", f"checkpoint={finished_run}", "eval.mode=finetune", "eval.label_fraction=0.01",
+                        "train.batch_size=100", "data.name=synthetic", "data.val_size=500", "device=cpu",
+                        "wandb.mode=disabled", f"run.dir={tmp_path / 'eval'}")
+    assert_user_error(too_big, "exceeds the 50 labeled training images")
+    assert not (tmp_path / "eval").exists()  # no stray config.yaml
+
+
+def test_a_null_line_in_metrics_does_not_stop_a_resume(tmp_path):
+    assert run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0")).returncode == 0
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + "null\n")
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0"))
+    assert result.returncode == 0, result.stderr
+    assert all(isinstance(json.loads(line), dict) for line in metrics.read_text().splitlines())
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("- a\n- b\n", "must be a mapping of keys"),
+    (b"name: caf\xe9\n", "is not UTF-8 text"),
+    ("name: ../../escape\ntitle: t\nrows: [{name: a}]\n", "name '../../escape' may hold only"),
+    ("name: t\ntitle: t\ncolumns: [{name: c, evaluation: pretrain, metric: knn/top1}]\nrows: [{name: a}]\n"
+     "plot: {column: c, x: train.epoch}\n", "plot.x 'train.epoch' is not a pretraining config key"),
+])
+def test_reproduce_refuses_bad_specs_with_an_error_line(tmp_path, spec, fragment):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(spec if isinstance(spec, bytes) else spec.encode())
+    result = run_entry("reproduce.py", str(path), "--render", "--runs-dir", str(tmp_path / "runs"))
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent.parent / "escape").exists()
