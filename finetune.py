@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from augment import NORMALIZATIONS
-from configs.load import flatten, from_dict, load_config, to_dict, to_yaml
-from configs.schema import RESUMABLE_CHANGES, FinetuneConfig
+from configs.load import load_config, recipe_changes, to_dict, to_yaml
+from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
 from engine import dist
 from engine.checkpoint import EncoderFile, load_file, load_strict, read_encoder, sha256_of
@@ -183,9 +183,7 @@ def find_resume_state(cfg: FinetuneConfig, run_dir: Path, checkpoint_sha: Option
     if state.get("checkpoint_sha256") != checkpoint_sha:
         raise UserError(f"cannot resume {str(path)!r}: it fine-tunes another encoder than checkpoint={cfg.checkpoint}"
                         " (SHA-256 differs); choose another run.name")
-    before, now = (flatten(to_dict(c)) for c in (from_dict(state["config"], FinetuneConfig), cfg))
-    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now
-               if before.get(k) != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    changed = recipe_changes(state["config"], cfg, FinetuneConfig)
     if changed:
         raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "
                         "choose another run.name")

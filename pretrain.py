@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from augment import NORMALIZATIONS, SimCLRAugment
-from configs.load import flatten, from_dict, load_config, to_dict, to_yaml
-from configs.schema import RESUMABLE_CHANGES, PretrainConfig
+from configs.load import load_config, recipe_changes, to_dict, to_yaml
+from configs.schema import PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
 from engine import dist
 from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
@@ -433,9 +433,7 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
     state = load_file(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
-    before, now = (flatten(to_dict(c)) for c in (from_dict(state["config"], PretrainConfig), cfg))
-    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now
-               if before.get(k) != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    changed = recipe_changes(state["config"], cfg, PretrainConfig)
     if changed:
         raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "
                         "only train.epochs, logging, run.*, wandb.*, device and data paths may change on resume. "

@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from configs.schema import CHOICES, RANGES, PretrainConfig
+from configs.schema import CHOICES, RANGES, RESUMABLE_CHANGES, PretrainConfig
 from engine.cli import UserError
 
 T = TypeVar("T")
@@ -149,6 +149,14 @@ def flatten(nested: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def recipe_changes(saved: dict, cfg: Any, schema: Type) -> list[str]:
+    """``key: old -> new`` for every key in which ``cfg`` differs from a checkpoint's saved config (``to_dict`` form,
+    older files filled with defaults), except those a resumed run may change (``configs.schema.RESUMABLE_CHANGES``)."""
+    before, now = flatten(to_dict(from_dict(saved, schema))), flatten(to_dict(cfg))
+    return [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
+            if before.get(k) != now[k] and not k.startswith(RESUMABLE_CHANGES)]
 
 
 def from_dict(data: dict, schema: Type[T] = PretrainConfig) -> T:

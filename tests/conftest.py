@@ -37,6 +37,16 @@ def tiny_run_args(run_dir: Path, *extra: str) -> list[str]:
             "wandb.mode=disabled", *extra]
 
 
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory) -> Path:
+    """A tiny finished pretraining run, shared by the tests that evaluate or copy one (read it, do not change it):
+    its directory holds encoder.pt, checkpoints/last.pt, summary.json."""
+    root = tmp_path_factory.mktemp("pretrained")
+    result = run_entry("pretrain.py", *tiny_run_args(root, "train.epochs=1", "eval.knn_every=0"))
+    assert result.returncode == 0, result.stderr
+    return root / "tiny"
+
+
 def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
     """The bad-input contract: exit status 2, the last stderr line `error: ...` naming the problem, no traceback."""
     assert result.returncode == 2, (result.stdout, result.stderr)

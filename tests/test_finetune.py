@@ -18,12 +18,8 @@ RESULT_KEYS = {"test/top1", "test/top5", "val/top1", "test/per_class", "test/con
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny pretraining run: its directory holds encoder.pt and checkpoints/last.pt."""
-    root = tmp_path_factory.mktemp("pretrain")
-    result = run_entry("pretrain.py", *tiny_run_args(root, "train.epochs=1", "eval.knn_every=0"))
-    assert result.returncode == 0, result.stderr
-    return root / "tiny"
+def pretrained(pretrained_run):
+    return pretrained_run
 
 
 def eval_args(run_dir, *extra):

@@ -97,8 +97,8 @@ def test_per_view_batch_norm_equals_separate_forward_passes():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)  # running statistics: updated twice
     assert set(per_view.state_dict()) == set(joint.state_dict())  # checkpoints load into plain modules
     per_view.eval(), two_passes.eval()
-    torch.testing.assert_close(per_view(v1, v2)["loss"], nt_xent(*(two_passes.head(two_passes.encoder(v))
-                                                                    for v in (v1, v2)), 0.5))
+    separately = [two_passes.head(two_passes.encoder(v)) for v in (v1, v2)]
+    torch.testing.assert_close(per_view(v1, v2)["loss"], nt_xent(*separately, 0.5))
 
 
 def test_online_classifier_learns_without_touching_the_encoder_gradient():

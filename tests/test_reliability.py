@@ -26,12 +26,9 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(pretrained_run):
     """A tiny finished pretraining run (its encoder.pt and last.pt are the templates of the crafted files)."""
-    root = tmp_path_factory.mktemp("pretrained")
-    result = run_entry("pretrain.py", *tiny_run_args(root, "train.epochs=1", "eval.knn_every=0"))
-    assert result.returncode == 0, result.stderr
-    return root / "tiny"
+    return pretrained_run
 
 
 def test_crafted_checkpoints_are_refused_and_never_run(tmp_path, finished_run):
@@ -159,8 +156,8 @@ def uninterrupted_finetuning(tmp_path_factory, finished_run):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_fine_tuning_stopped_by_a_signal_continues_to_the_same_results(tmp_path, finished_run,
-                                                                        uninterrupted_finetuning, signum):
+def test_fine_tuning_stopped_by_a_signal_continues_to_the_same_results(
+        tmp_path, finished_run, uninterrupted_finetuning, signum):
     expected, weights = uninterrupted_finetuning
     status, output = _run_until(["finetune.py", *_finetune_args(tmp_path, finished_run)], "step 12 |", signum)
     assert status == 128 + signum and f"stopped: {signal.Signals(signum).name} at step" in output, output
@@ -174,8 +171,8 @@ def test_fine_tuning_stopped_by_a_signal_continues_to_the_same_results(tmp_path,
     assert all(torch.equal(final[k], weights[k]) for k in weights)
 
 
-def test_fine_tuning_killed_with_sigkill_continues_to_the_same_results(tmp_path, finished_run,
-                                                                        uninterrupted_finetuning):
+def test_fine_tuning_killed_with_sigkill_continues_to_the_same_results(
+        tmp_path, finished_run, uninterrupted_finetuning):
     expected, _ = uninterrupted_finetuning
     status, _ = _run_until(["finetune.py", *_finetune_args(tmp_path, finished_run)], "step 14 |", signal.SIGKILL)
     assert status == -signal.SIGKILL
