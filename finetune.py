@@ -18,10 +18,10 @@ from augment import NORMALIZATIONS
 from configs.load import load_config, recipe_changes, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
-from engine import dist
+from core import dist
 from engine.checkpoint import EncoderFile, load_file, load_strict, read_encoder, sha256_of
 from engine.cli import UserError, run_cli
-from engine.device import resolve_device, resolve_precision
+from core.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, FinetuneState, LabeledSplits, check_probe_config, finetune_evaluation,
                              knn_evaluation, linear_evaluation, results_record)
 from engine.preemption import StopRequest

@@ -24,10 +24,11 @@ from augment import NORMALIZATIONS, SimCLRAugment
 from configs.load import load_config, recipe_changes, to_dict, to_yaml
 from configs.schema import PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
-from engine import dist
-from engine.checkpoint import atomic_save, load_file, load_strict, sha256_of
+from core import dist
+from core.files import atomic_save, write_json
+from engine.checkpoint import load_file, load_strict, sha256_of
 from engine.cli import Stopped, UserError, run_cli
-from engine.device import autocast, resolve_device, resolve_precision
+from core.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.accuracy import topk_accuracy
 from engine.knn import extract_features, extract_features_sharded, knn_top1
@@ -36,7 +37,7 @@ from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
 from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
 from engine.tracking import (MetricsLog, decide_wandb_mode, format_metrics, git_sha, keep_wandb_out, run_facts,
-                             start_wandb, write_json, write_results)
+                             start_wandb, write_results)
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn

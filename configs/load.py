@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from configs.schema import CHOICES, RANGES, RESUMABLE_CHANGES, PretrainConfig
-from engine.cli import UserError
+from core.errors import UserError
 
 T = TypeVar("T")
 

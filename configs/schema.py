@@ -193,7 +193,7 @@ RESUMABLE_CHANGES = NOT_RESULT_KEYS + ("train.epochs",)
 
 # Allowed values of string keys. An entry of None in a tuple is not used; paths are free-form.
 CHOICES = {
-    "device": None,  # checked by engine.device
+    "device": None,  # checked by core.device
     "data.name": ("cifar10", "folder", "synthetic"),
     "model.arch": ARCHS,
     "loss.impl": ("auto", "reference", "fused"),

@@ -8,7 +8,7 @@ from typing import Callable, Dict
 
 import torch
 
-from engine.checkpoint import atomic_save
+from core.files import atomic_save
 
 CACHE_FORMAT = 1  # bump when the decoded layout changes, so old caches are ignored
 
@@ -46,4 +46,3 @@ def cached(cache_dir: Path, key: str, build: Callable[[], Dict[str, object]]) ->
     except OSError as err:  # a read-only cache directory costs a re-decode next time, nothing else
         print(f"data: could not write cache {file} ({err})", file=sys.stderr)
     return value
-

@@ -9,7 +9,7 @@ from typing import Tuple
 
 import torch
 
-from engine.cli import UserError
+from core.errors import UserError
 
 
 def class_ranks(labels: torch.Tensor, seed: int) -> torch.Tensor:

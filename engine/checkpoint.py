@@ -1,47 +1,17 @@
-"""Atomic checkpoint files and strict state loading."""
+"""Checkpoint files: safe loading (tensors and plain values only), strict state loading, encoders, hashes."""
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from engine.cli import UserError
-
-
-def atomic_save(obj: Any, file: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``file``.
-
-    Readers see either the old file or the complete new one, even if this process is killed mid-write.
-    """
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp", delete=False)
-    try:
-        buffer = io.BytesIO()  # serialize in memory, then write: a full disk is then an OSError (ENOSPC), where
-        torch.save(obj, buffer)  # torch.save into the file would fail with an opaque RuntimeError
-        with tmp:
-            tmp.write(buffer.getbuffer())
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp.name, 0o666 & ~_umask())  # as open() would create it: teammates can read it if the umask says
-        os.replace(tmp.name, file)
-    except BaseException:
-        Path(tmp.name).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
+from core.errors import UserError
+from core.files import atomic_save  # noqa: F401  (re-exported: its home was here)
 
 
 def load_file(path: Path, what: str = "checkpoint") -> dict:

@@ -1,4 +1,5 @@
-"""How entrypoints fail on bad input: one `error:` line on stderr, exit status 2, no traceback."""
+"""How entrypoints fail on bad input: one `error:` line on stderr, exit status 2, no traceback (UserError and
+Stopped live in core.errors, the bottom layer, and are re-exported here)."""
 from __future__ import annotations
 
 import argparse
@@ -6,22 +7,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-
-class UserError(Exception):
-    """Bad input from the person running the command (config, data, checkpoint, hardware request).
-
-    Raised anywhere; turned into a single `error: ...` line by :func:`run_cli`. Programming errors keep
-    their tracebacks.
-    """
-
-
-class Stopped(Exception):
-    """A run stopped on request (a preemption signal) after saving what it needs to continue: not a failure, but
-    the job did not finish. run_cli prints ``stopped: <message>`` and exits with ``status`` (128 + the signal)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
+from core.errors import Stopped, UserError  # re-exported: raised everywhere, caught here
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -21,10 +21,10 @@ from augment.ops import normalize, padded_crop_flip, sample_crop_flip
 from configs.schema import OptimConfig, ProbeConfig, TrainConfig
 from data import EpochSampler, seeded_generator
 from engine.accuracy import classification_report, topk_accuracy
-from engine.checkpoint import atomic_save
-from engine.cli import Stopped, UserError
-from engine.device import autocast
-from engine import dist
+from core.files import atomic_save
+from core.errors import Stopped, UserError
+from core.device import autocast
+from core import dist
 from engine.knn import extract_features_sharded, knn_predict
 from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
 from engine.preemption import StopRequest

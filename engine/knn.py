@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from augment.ops import normalize
-from engine import dist
-from engine.device import autocast
+from core import dist
+from core.device import autocast
 
 
 @torch.no_grad()

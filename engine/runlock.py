@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from engine import dist
-from engine.cli import UserError
+from core import dist
+from core.errors import UserError
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0  # seconds between touches of a held lock

@@ -17,20 +17,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from engine import dist
-from engine.cli import UserError
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename: readers never see half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+from core import dist
+from core.errors import UserError
+from core.files import write_json, write_text_atomic  # their home was here: still importable from here
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import dist
+from core import dist
 
 
 class _GatherWithGrad(torch.autograd.Function):

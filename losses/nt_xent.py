@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from engine import dist
+from core import dist
 from losses import triton_nt_xent
 from losses.gather import gather_with_grad
 

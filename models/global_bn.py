@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import dist
+from core import dist
 from losses.gather import gather_with_grad
 from models.bn_convert import replace_batch_norm
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from configs.load import config_keys, flatten, from_dict, load_config, to_dict
 from configs.schema import NOT_RESULT_KEYS, FinetuneConfig, PretrainConfig
-from engine.cli import UserError
+from core.errors import UserError
 from tables.spec import PRETRAIN, REPO, Row, TableSpec
 
 LAUNCHERS = ("python", "torchrun", "sbatch")

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from configs.load import config_keys
 from configs.schema import PretrainConfig
-from engine.cli import UserError
+from core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES_DIR = REPO / "configs" / "tables"

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from augment import SimCLRAugment
-from engine import dist
+from core import dist
 from engine.optim import create_optimizer
 from losses import nt_xent
 from models import SimCLR, create_encoder, projection_head

@@ -1,0 +1,19 @@
+"""The exceptions every layer may raise and only the entrypoints turn into output (engine.cli.run_cli)."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the person running the command (config, data, checkpoint, hardware request).
+
+    Raised anywhere; turned into a single `error: ...` line by :func:`engine.cli.run_cli`. Programming errors keep
+    their tracebacks.
+    """
+
+
+class Stopped(Exception):
+    """A run stopped on request (a preemption signal) after saving what it needs to continue: not a failure, but
+    the job did not finish. run_cli prints ``stopped: <message>`` and exits with ``status`` (128 + the signal)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status

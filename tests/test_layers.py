@@ -1,0 +1,67 @@
+"""Layers only import downward: the packages below the training-and-evaluation layer never import it."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+# What each low package may import from this project (besides itself); everything else is above it.
+ALLOWED = {
+    "core": set(),
+    "augment": {"core"},
+    "losses": {"core"},
+    "data": {"core"},
+    "configs": {"core"},
+    "models": {"core", "losses"},
+}
+PROJECT = {"core", "augment", "losses", "data", "configs", "models", "engine", "tables", "bench", "tests", "pretrain",
+           "finetune", "reproduce"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Top-level project packages a module imports, wherever in the file (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & PROJECT
+
+
+def violations(root: Path = REPO) -> list[str]:
+    bad = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((root / package).rglob("*.py")):
+            for imported in sorted(project_imports(path) - allowed - {package}):
+                bad.append(f"{path.relative_to(root)} imports {imported}")
+    return bad
+
+
+def test_low_packages_import_only_below_themselves():
+    assert violations() == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path):
+    """The test above would fail: a copy of the tree where data/ imports engine/ is caught, at module or function
+    level."""
+    for package in ALLOWED:
+        (tmp_path / package).mkdir()
+    (tmp_path / "data" / "up.py").write_text("import torch\nfrom engine.knn import knn_top1\n")
+    (tmp_path / "models" / "late.py").write_text("def f():\n    import tables.plan\n")
+    (tmp_path / "models" / "fine.py").write_text("from losses import nt_xent\nfrom core import dist\n")
+    assert violations(tmp_path) == ["data/up.py imports engine", "models/late.py imports tables"]
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_low_packages_import_on_their_own(package):
+    """Importing a low package loads nothing from the layers above it (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {package}\n"
+            "above = sorted(m for m in sys.modules if m.split('.')[0] in ('engine', 'tables', 'pretrain', 'finetune'))\n"
+            "print(above)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
