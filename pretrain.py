@@ -13,9 +13,10 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -86,9 +87,9 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if cfg.train.compile and device.type == "cpu":
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
               "ResNet-18 on 2 cores); it is meant for CUDA", file=sys.stderr, flush=True)
-    step_fn = dist.wrap_ddp(model, device)  # the unwrapped `model` is what checkpoints hold
+    ctx = StepContext(dist.wrap_ddp(model, device), optimizer, augment, device, dtype)  # checkpoints hold `model`
     if cfg.train.compile:
-        step_fn = torch.compile(step_fn)
+        ctx.model = torch.compile(ctx.model)
         augment.compile()
     start_epoch, step, best_knn, stop_agreed = 0, 0, None, False
     if resume is not None:
@@ -97,78 +98,40 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
             print(f"resume: from epoch {start_epoch}, step {step} ({resume['_path']})", flush=True)
 
     # ---------------------------------------------------------------- run directory
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    wandb_run = start_wandb(wandb_cfg, job_type="pretrain", config=to_dict(cfg), run_dir=run_dir,
-                            run_id=resume.get("wandb_run_id") if resume else None, enabled=dist.is_main(),
-                            **run_facts(device))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
-    metrics.truncate_after(step if resume is not None else -1)
+    run = open_records(cfg, run_dir, wandb_cfg, resume, sampler.steps_per_epoch, device)
+    run.metrics.truncate_after(step if resume is not None else -1)
     monitor = partial(monitor_metrics, model, splits, cfg, dtype)
-    if wandb_run is not None and step == 0:  # what the encoder is shown: the first step's view pairs
-        first = train_images[sampler.permutation(0)[:16].to(device)]
-        view1, view2 = augment(first, seeded_generator(device, "augment", cfg.seed, 0))
-        wandb_run.log_image("media/view_pairs", view_pair_grid(view1, view2, augment.mean, augment.std),
-                            caption="16 training images, two augmented views each (left, right)")
-    started = time.perf_counter()  # time/elapsed_s: wall clock since training began in this process
+    if run.wandb_run is not None and step == 0:
+        log_view_pairs(run.wandb_run, augment, train_images[sampler.permutation(0)[:16].to(device)], cfg.seed)
     if cfg.eval.knn_every and step == 0:
-        best_knn = report(metrics, step, 0, {**monitor(), "time/elapsed_s": 0.0}).get("knn/top1")
+        best_knn = log_evaluation(run, step, 0, monitor()).get("knn/top1")
 
     # ---------------------------------------------------------------- train
     for epoch in range(start_epoch, cfg.train.epochs):
         model.train()
-        loss_sum, online_correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-        tick, steps_since = time.perf_counter(), 0
-        done_in_epoch = step - epoch * sampler.steps_per_epoch  # > 0 after a mid-epoch checkpoint (preemption)
-        batches = sampler.batches(epoch, device, start=done_in_epoch)
-        if sys.stderr.isatty() and dist.is_main():
-            batches = tqdm(batches, total=sampler.steps_per_epoch - done_in_epoch, desc=f"epoch {epoch + 1}",
-                           leave=False)
+        interval, batches = Interval(device), progress(sampler, epoch, step, device)
         for idx in batches:
             if stop_agreed or (stop.requested and dist.world_size() == 1):  # preempted: save this step, leave
-                save_checkpoint(ckpt_path, model, optimizer, cfg, step, epoch, best_knn, wandb_run)
-                raise Stopped(f"{stop.name or 'a stop signal on another rank'} at step {step} (epoch "
-                              f"{step / sampler.steps_per_epoch:.2f}); checkpoint {ckpt_path} written; the same "
-                              "command continues from there", 128 + (stop.signum or signal.SIGTERM))
+                save_checkpoint(run, model, optimizer, step, epoch, best_knn)
+                raise Stopped(stopped_message(stop, step, run), 128 + (stop.signum or signal.SIGTERM))
             lr = schedule(step)
-            g = seeded_generator(device, "augment", cfg.seed, step)
-            out = train_step(step_fn, optimizer, augment, train_images[idx], g, lr, device, dtype,
+            out = train_step(ctx, train_images[idx], seeded_generator(device, "augment", cfg.seed, step), lr,
                              labels=train_labels[idx] if cfg.eval.online_linear else None)
-            loss_sum += out["loss"].detach()
-            if "online_correct" in out:
-                online_correct += out["online_correct"]
-            step, steps_since = step + 1, steps_since + 1
+            interval.add(out)
+            step += 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                loss, weights_finite, stop_agreed = read_training_state(loss_sum, model, stop.requested)
-                loss = check_finite(loss / steps_since, step, run_dir, wandb_run, weights_finite)
-                views_per_s = 2 * cfg.train.batch_size * steps_since / (time.perf_counter() - tick)
-                stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
-                if cfg.eval.online_linear:  # on this rank's augmented views of the last steps
-                    stats["online/train_top1"] = 100.0 * online_correct.item() / (2 * len(idx) * steps_since)
-                    online_correct.zero_()
-                record = metrics.log(step, step / sampler.steps_per_epoch, {
-                    "train/loss": loss, "train/lr": lr, "train/base_lr": cfg.optim.base_lr,
-                    "train/views_per_s": views_per_s, "time/elapsed_s": time.perf_counter() - started, **stats})
-                if isinstance(batches, tqdm):
-                    batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
-                elif dist.is_main():
-                    print(format_metrics(record), flush=True)
-                loss_sum.zero_()
-                steps_since, tick = 0, time.perf_counter()
+                stop_agreed = log_interval(run, interval, out, model, step, lr, stop.requested, batches)
         done = epoch + 1
         if cfg.eval.knn_every and (done % cfg.eval.knn_every == 0 or done == cfg.train.epochs):
-            top1 = report(metrics, step, done, {**monitor(), "time/elapsed_s": time.perf_counter() - started}
-                          ).get("knn/top1")
+            top1 = log_evaluation(run, step, done, monitor()).get("knn/top1")
             if top1 is not None:
                 best_knn = top1 if best_knn is None else max(best_knn, top1)
         if done % cfg.run.ckpt_every == 0 or done == cfg.train.epochs:
-            save_checkpoint(ckpt_path, model, optimizer, cfg, step, done, best_knn, wandb_run)
+            save_checkpoint(run, model, optimizer, step, done, best_knn)
 
     # ---------------------------------------------------------------- finish
     summary = {"status": "finished", "step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(),
-               **final_knn(metrics)}
+               **final_knn(run.metrics)}
     if best_knn is not None:
         summary["knn/best_top1"] = best_knn
     if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
@@ -179,8 +142,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
         if cfg.eval.linear_at_end:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
-        if wandb_run is not None:
-            finish_wandb(wandb_run, model.encoder, splits, dtype, run_dir, summary, step, cfg.train.epochs)
+        if run.wandb_run is not None:
+            finish_wandb(run.wandb_run, model.encoder, splits, dtype, run_dir, summary, step, cfg.train.epochs)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     dist.barrier()
     dist.shutdown()
@@ -262,31 +225,135 @@ def online_classifier_group(cfg: PretrainConfig) -> Optional[dict]:
                             "lr_scale": cfg.eval.online_lr / cfg.optim.base_lr}}
 
 
-def train_step(model, optimizer, augment, images: torch.Tensor, generator: torch.Generator, lr: float,
-               device: torch.device, dtype: torch.dtype, labels: Optional[torch.Tensor] = None) -> dict:
+@dataclass
+class StepContext:
+    """What every training step needs besides its batch, in one typed place (the most-read code in the project)."""
+
+    model: torch.nn.Module  # runs the step: the SimCLR module, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    augment: SimCLRAugment
+    device: torch.device
+    dtype: torch.dtype  # compute precision: bf16 is autocast, fp64 runs the whole model in double
+
+
+def train_step(ctx: StepContext, images: torch.Tensor, generator: torch.Generator, lr: float,
+               labels: Optional[torch.Tensor] = None) -> dict:
     """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W] (labels [B]: only for the online
     classifier); returns the model's output."""
-    view1, view2 = augment(images, generator, shard=(dist.rank(), dist.world_size()))
-    optimizer.zero_grad(set_to_none=True)
-    out = forward_backward(model, view1, view2, device, dtype, labels)
-    set_lr(optimizer, lr)
-    optimizer.step()
+    view1, view2 = ctx.augment(images, generator, shard=(dist.rank(), dist.world_size()))
+    ctx.optimizer.zero_grad(set_to_none=True)
+    out = forward_backward(ctx, view1, view2, labels)
+    set_lr(ctx.optimizer, lr)
+    ctx.optimizer.step()
     return out
 
 
-def forward_backward(model, view1: torch.Tensor, view2: torch.Tensor, device: torch.device, dtype: torch.dtype,
+def forward_backward(ctx: StepContext, view1: torch.Tensor, view2: torch.Tensor,
                      labels: Optional[torch.Tensor] = None) -> dict:
     """Loss of two view batches [B, 3, H, W] in the run's precision and memory layout, and its backward pass;
     returns the model's output (gradients accumulate into the parameters)."""
-    if dtype == torch.float64:  # train.precision=fp64: the whole model in double precision
+    if ctx.dtype == torch.float64:  # train.precision=fp64: the whole model in double precision
         view1, view2 = view1.double(), view2.double()
-    if device.type == "cuda":
+    if ctx.device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
-    with autocast(device, dtype):
-        out = model(view1, view2, labels)
+    with autocast(ctx.device, ctx.dtype):
+        out = ctx.model(view1, view2, labels)
     # The online classifier's loss reaches only its own weights (its input is detached).
     (out["loss"] + out["online_loss"] if "online_loss" in out else out["loss"]).backward()
     return out
+
+
+@dataclass
+class RunRecords:
+    """Where a run's records go: its directory, metrics.jsonl (+ W&B), and the clock of time/elapsed_s."""
+
+    cfg: PretrainConfig
+    run_dir: Path
+    metrics: MetricsLog
+    wandb_run: Optional[object]  # engine.tracking.WandbRun on rank 0 when W&B is on
+    steps_per_epoch: int
+    started: float = field(default_factory=time.perf_counter)  # training began in this process
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"
+
+
+def open_records(cfg: PretrainConfig, run_dir: Path, wandb_cfg, resume: Optional[dict], steps_per_epoch: int,
+                 device: torch.device) -> RunRecords:
+    """config.yaml, the W&B run (the same one on resume) and metrics.jsonl of the run directory."""
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    wandb_run = start_wandb(wandb_cfg, job_type="pretrain", config=to_dict(cfg), run_dir=run_dir,
+                            run_id=resume.get("wandb_run_id") if resume else None, enabled=dist.is_main(),
+                            **run_facts(device))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
+    return RunRecords(cfg, run_dir, metrics, wandb_run, steps_per_epoch)
+
+
+def log_view_pairs(wandb_run, augment: SimCLRAugment, images: torch.Tensor, seed: int) -> None:
+    """What the encoder is shown: the first step's two views of 16 images (uint8 [16, 3, H, W]), as a W&B image."""
+    view1, view2 = augment(images, seeded_generator(images.device, "augment", seed, 0))
+    wandb_run.log_image("media/view_pairs", view_pair_grid(view1, view2, augment.mean, augment.std),
+                        caption="16 training images, two augmented views each (left, right)")
+
+
+def progress(sampler: EpochSampler, epoch: int, step: int, device: torch.device) -> Iterable[torch.Tensor]:
+    """The epoch's remaining index batches (all, unless a mid-epoch checkpoint was resumed), with a progress bar
+    on a terminal."""
+    done_in_epoch = step - epoch * sampler.steps_per_epoch
+    batches = sampler.batches(epoch, device, start=done_in_epoch)
+    if sys.stderr.isatty() and dist.is_main():
+        return tqdm(batches, total=sampler.steps_per_epoch - done_in_epoch, desc=f"epoch {epoch + 1}", leave=False)
+    return batches
+
+
+class Interval:
+    """What the steps between two log points add up to, kept on the device: no host sync until it is read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.online_correct = torch.zeros((), device=device, dtype=torch.long)
+        self.steps, self.views, self.tick = 0, 0, time.perf_counter()
+
+    def add(self, out: dict) -> None:
+        self.loss += out["loss"].detach()
+        if "online_correct" in out:
+            self.online_correct += out["online_correct"]
+        self.steps, self.views = self.steps + 1, self.views + 2 * out["z1"].shape[0]
+
+    def restart(self) -> None:
+        self.loss.zero_()
+        self.online_correct.zero_()
+        self.steps, self.views, self.tick = 0, 0, time.perf_counter()
+
+
+def log_interval(run: RunRecords, interval: Interval, out: dict, model: SimCLR, step: int, lr: float,
+                 stop_requested: bool, batches: Iterable) -> bool:
+    """Read the interval (the only host sync of the loop), stop on divergence, log and show (the progress bar's
+    postfix on a terminal, a printed line elsewhere); returns whether any rank was asked to stop."""
+    loss, weights_finite, stop_agreed = read_training_state(interval.loss, model, stop_requested)
+    loss = check_finite(loss / interval.steps, step, run, weights_finite)
+    seconds = time.perf_counter() - interval.tick
+    stats = {f"train/{k}": v for k, v in embedding_stats(out["z1"], out["z2"]).items()}
+    if run.cfg.eval.online_linear:  # on this rank's augmented views of the interval
+        stats["online/train_top1"] = 100.0 * interval.online_correct.item() / interval.views
+    record = run.metrics.log(step, step / run.steps_per_epoch, {
+        "train/loss": loss, "train/lr": lr, "train/base_lr": run.cfg.optim.base_lr,
+        "train/views_per_s": interval.views * dist.world_size() / seconds,
+        "time/elapsed_s": time.perf_counter() - run.started, **stats})
+    if isinstance(batches, tqdm):
+        batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
+    elif dist.is_main():
+        print(format_metrics(record), flush=True)
+    interval.restart()
+    return stop_agreed
+
+
+def stopped_message(stop: StopRequest, step: int, run: RunRecords) -> str:
+    return (f"{stop.name or 'a stop signal on another rank'} at step {step} (epoch {step / run.steps_per_epoch:.2f}); "
+            f"checkpoint {run.checkpoint} written; the same command continues from there")
 
 
 def monitor_metrics(model: SimCLR, splits: LabeledSplits, cfg: PretrainConfig, dtype: torch.dtype) -> dict:
@@ -323,9 +390,10 @@ def online_classifier_results(model: SimCLR, splits: LabeledSplits, dtype: torch
     return results
 
 
-def report(metrics: MetricsLog, step: int, epoch: float, values: dict) -> dict:
-    """Log evaluation metrics and print them; returns ``values``."""
-    record = metrics.log(step, epoch, values)
+def log_evaluation(run: RunRecords, step: int, epoch: float, values: dict) -> dict:
+    """Log and print evaluation metrics with the seconds of training so far (0 before the first step)."""
+    elapsed = time.perf_counter() - run.started if step else 0.0
+    record = run.metrics.log(step, epoch, {**values, "time/elapsed_s": elapsed})
     if dist.is_main():
         print(format_metrics(record), flush=True)
     return values
@@ -381,11 +449,12 @@ def read_training_state(loss_sum: torch.Tensor, model: torch.nn.Module, stop_req
     return loss, nonfinite == 0, stops > 0
 
 
-def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None, weights_finite: bool = True) -> float:
+def check_finite(loss: float, step: int, run: RunRecords, weights_finite: bool = True) -> float:
     """The loss, or stop: summary.json records the divergence (a result, not a crash) and the run exits 2."""
     if not (math.isfinite(loss) and weights_finite):
-        ckpt_path = run_dir / "checkpoints" / "last.pt"
-        kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.is_file() else "no checkpoint was written"
+        run_dir, wandb_run = run.run_dir, run.wandb_run
+        kept = f"the last good checkpoint is {run.checkpoint}" if run.checkpoint.is_file() else \
+            "no checkpoint was written"
         what = (f"loss became {loss}" if not math.isfinite(loss)
                 else "weights or batch-norm statistics became non-finite")
         if dist.is_main():
@@ -399,13 +468,15 @@ def check_finite(loss: float, step: int, run_dir: Path, wandb_run=None, weights_
     return loss
 
 
-def save_checkpoint(path: Path, model: SimCLR, optimizer, cfg: PretrainConfig, step: int, epoch: int,
-                    best_knn: Optional[float], wandb_run=None) -> None:
-    """Everything needed to continue exactly, from the unwrapped module; written atomically by rank 0."""
+def save_checkpoint(run: RunRecords, model: SimCLR, optimizer: torch.optim.Optimizer, step: int, epoch: int,
+                    best_knn: Optional[float]) -> None:
+    """Everything needed to continue exactly, from the unwrapped module; written atomically by rank 0. ``epoch``
+    counts completed epochs; ``step`` may lie inside the next one (a checkpoint written on a stop signal)."""
     if dist.is_main():
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                     "config": to_dict(cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
-                     "git_sha": git_sha(), "wandb_run_id": wandb_run.id if wandb_run else None}, path)
+                     "config": to_dict(run.cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
+                     "git_sha": git_sha(), "wandb_run_id": run.wandb_run.id if run.wandb_run else None},
+                    run.checkpoint)
     dist.barrier()  # no rank runs ahead of a checkpoint that a restart would need
 
 

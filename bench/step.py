@@ -35,7 +35,7 @@ from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
 from engine.optim import create_optimizer  # noqa: E402
 from losses import nt_xent  # noqa: E402
-from pretrain import build_model, forward_backward, train_step  # noqa: E402
+from pretrain import StepContext, build_model, forward_backward, train_step  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -92,6 +92,7 @@ class Setup:
         if compile_:
             self.step_fn = torch.compile(self.model)
             self.augment.compile()
+        self.ctx = StepContext(self.step_fn, self.optimizer, self.augment, self.device, self.dtype)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def batch_indices(self) -> torch.Tensor:
@@ -99,14 +100,13 @@ class Setup:
 
     def step(self) -> None:
         """pretrain.py's training step on a random batch."""
-        train_step(self.step_fn, self.optimizer, self.augment, self.images[self.batch_indices()], self.generator,
-                   0.1, self.device, self.dtype)
+        train_step(self.ctx, self.images[self.batch_indices()], self.generator, 0.1)
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.augment(self.images[self.batch_indices()], self.generator)
 
     def forward_backward(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
-        forward_backward(self.step_fn, view1, view2, self.device, self.dtype)
+        forward_backward(self.ctx, view1, view2)
 
     def stage_seconds(self, warmup: int, steps: int) -> dict[str, float]:
         """Seconds per step of each stage, timed on its own."""

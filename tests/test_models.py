@@ -123,7 +123,7 @@ def test_compiled_step_keeps_gradients_and_running_statistics(forward_views):
     import copy
 
     from configs.load import load_config
-    from pretrain import build_model, forward_backward
+    from pretrain import StepContext, build_model, forward_backward
 
     torch.manual_seed(0)
     cfg = load_config(["model.width=4", "device=cpu", f"model.forward_views={forward_views}"])
@@ -132,8 +132,8 @@ def test_compiled_step_keeps_gradients_and_running_statistics(forward_views):
     compiled = torch.compile(compiled_copy, backend="aot_eager")
     views = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     for _ in range(2):
-        forward_backward(eager, *views, torch.device("cpu"), torch.float32)
-        forward_backward(compiled, *views, torch.device("cpu"), torch.float32)
+        for model in (eager, compiled):
+            forward_backward(StepContext(model, None, None, torch.device("cpu"), torch.float32), *views)
     theirs = compiled_copy.state_dict()
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(theirs[name], value, msg=name)

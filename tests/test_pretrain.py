@@ -152,19 +152,20 @@ def test_training_step_never_waits_for_the_gpu():
     from augment import SimCLRAugment
     from configs.load import load_config
     from engine.optim import create_optimizer
-    from pretrain import build_model, train_step
+    from pretrain import StepContext, build_model, train_step
 
     device = torch.device("cuda")
     model = build_model(load_config(["model.width=16"]), device)  # on the GPU, channels_last
     optimizer = create_optimizer("lars", model, lr=0.1, weight_decay=1e-6)
-    augment, g = SimCLRAugment(), torch.Generator(device=device).manual_seed(0)
+    ctx = StepContext(model, optimizer, SimCLRAugment(), device, torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
-    train_step(model, optimizer, augment, images, g, 0.1, device, torch.bfloat16)  # first step: lazy set-up
+    train_step(ctx, images, g, 0.1)  # first step: lazy set-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            out = train_step(model, optimizer, augment, images, g, 0.1, device, torch.bfloat16)
+            out = train_step(ctx, images, g, 0.1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out["loss"]).item()
