@@ -19,7 +19,7 @@ from configs.load import load_config, recipe_changes, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
 from core import dist
-from engine.checkpoint import EncoderFile, load_file, load_strict, read_encoder, sha256_of
+from engine.checkpoint import EncoderFile, last_checkpoint, load_file, load_strict, read_encoder, sha256_of
 from engine.cli import UserError, run_cli
 from core.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, FinetuneState, LabeledSplits, check_probe_config, finetune_evaluation,
@@ -28,7 +28,7 @@ from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
 from engine.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
                              write_results)
-from models import create_encoder
+from models import ARCHS, create_encoder
 
 MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
 
@@ -46,10 +46,7 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
-    if dtype == torch.float64:
-        raise UserError("train.precision=fp64 is for pretraining exactness checks; use fp32, bf16 or auto here")
-    if cfg.eval.mode == "finetune":
-        dist.check_global_batch(cfg.train.batch_size)
+    check_config(cfg, dtype)
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
@@ -58,8 +55,6 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     if (run_dir / "results.json").exists():
         raise UserError(f"run directory {str(run_dir)!r} already holds an evaluation (results.json: finished); "
                         "choose another run.name or remove it")
-    if cfg.eval.mode == "linear":
-        check_probe_config(cfg.probe, cfg.data.val_size)
     checkpoint_sha = sha256_of(source.path) if source else None
     resume = find_resume_state(cfg, run_dir, checkpoint_sha)
     wandb_cfg = decide_wandb_mode(cfg.wandb)  # online | offline in seconds, before any data is loaded
@@ -68,30 +63,10 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
 
     # ---------------------------------------------------------------- encoder: architecture from the checkpoint
     torch.manual_seed(cfg.seed)
-    encoder = create_encoder(arch, width)
-    if source is not None:
-        load_strict(encoder, source.state, f"checkpoint {str(source.path)!r}")
-    encoder = encoder.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-    if cfg.eval.mode != "finetune":
-        encoder.requires_grad_(False)
-    say(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
-        f"from {source.path if source else 'random initialization'}")
+    encoder = load_encoder(arch, width, source, device, trainable=cfg.eval.mode == "finetune")
 
     # ---------------------------------------------------------------- data: labeled splits on the device
-    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
-    train_idx, val_idx = split_labeled(data.train_labels, cfg.data.val_size, cfg.eval.label_fraction,
-                                       cfg.data.train_limit, cfg.data.split_seed)
-    splits = LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
-                           data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
-                           data.test_images.to(device), data.test_labels.to(device), list(data.classes),
-                           *input_normalization(source))
-    say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
-        f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
-    if not len(data.test_labels):  # found before the run directory is written
-        raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*); evaluations score it")
-    if cfg.eval.mode == "finetune" and cfg.train.batch_size > len(train_idx):
-        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_idx)} labeled training "
-                        "images; lower train.batch_size")
+    splits = load_labeled_splits(cfg, source, device)
 
     # ---------------------------------------------------------------- evaluate
     if dist.is_main():
@@ -103,7 +78,7 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     metrics.truncate_after(resume["step"] if resume else -1)  # an unfinished evaluation continues or starts over
     if wandb_run is not None and source is not None:
         wandb_run.use_encoder(source.path, source.run_name)
-    state = FinetuneState(run_dir / "checkpoints" / "last.pt", cfg.run.ckpt_every,
+    state = FinetuneState(last_checkpoint(run_dir), cfg.run.ckpt_every,
                           {"config": to_dict(cfg), "checkpoint_sha256": checkpoint_sha}, resume, stop)
     outcome = evaluate(cfg, encoder, splits, dtype, metrics, state)
 
@@ -111,20 +86,69 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
                             checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
                             git_sha=git_sha(), config=to_dict(cfg))
-    metrics.log(outcome.extra.get("finetune/steps", 0), final_epoch(cfg),
-                {k: record[k] for k in ("val/top1", "test/top1", "test/top5") if record[k] is not None})
-    if dist.is_main():
-        path = write_results(run_dir, record, splits.classes)
-        if wandb_run is not None:
-            wandb_run.log_evaluation(record, splits.classes)
-            wandb_run.summarize({k: v for k, v in record.items() if k != "config"})
-            wandb_run.finish()
-        val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
-        say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
-            f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}")
+    publish(record, cfg, arch, splits.classes, run_dir, metrics, wandb_run, outcome.extra.get("finetune/steps", 0))
     dist.barrier()
     dist.shutdown()
     return record
+
+
+def check_config(cfg: FinetuneConfig, dtype: torch.dtype) -> None:
+    """Combinations of keys that cannot work, refused before anything is read or written."""
+    if dtype == torch.float64:
+        raise UserError("train.precision=fp64 is for pretraining exactness checks; use fp32, bf16 or auto here")
+    if cfg.eval.mode == "finetune":
+        dist.check_global_batch(cfg.train.batch_size)
+    if cfg.eval.mode == "linear":
+        check_probe_config(cfg.probe, cfg.data.val_size)
+
+
+def load_encoder(arch: str, width: Optional[int], source: Optional[EncoderFile], device: torch.device, *,
+                 trainable: bool) -> torch.nn.Module:
+    """The encoder, with the checkpoint's weights (strict) or random ones; frozen unless fine-tuned."""
+    encoder = create_encoder(arch, width)
+    if source is not None:
+        load_strict(encoder, source.state, f"checkpoint {str(source.path)!r}")
+    encoder = encoder.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    encoder.requires_grad_(trainable)
+    say(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
+        f"from {source.path if source else 'random initialization'}")
+    return encoder
+
+
+def load_labeled_splits(cfg: FinetuneConfig, source: Optional[EncoderFile], device: torch.device) -> LabeledSplits:
+    """The labeled subset of train (eval.label_fraction), the validation split and the test split, on the device,
+    normalized as the encoder was pretrained; checked before the run directory is written."""
+    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    train_idx, val_idx = split_labeled(data.train_labels, cfg.data.val_size, cfg.eval.label_fraction,
+                                       cfg.data.train_limit, cfg.data.split_seed)
+    say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
+        f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
+    if not len(data.test_labels):
+        raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*); evaluations score it")
+    if cfg.eval.mode == "finetune" and cfg.train.batch_size > len(train_idx):
+        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_idx)} labeled training "
+                        "images; lower train.batch_size")
+    return LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
+                         data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
+                         data.test_images.to(device), data.test_labels.to(device), list(data.classes),
+                         *input_normalization(source))
+
+
+def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], run_dir: Path, metrics: MetricsLog,
+            wandb_run, steps: int) -> None:
+    """The headline numbers into metrics.jsonl; results.json, confusion.png and W&B by rank 0; the result line."""
+    metrics.log(steps, final_epoch(cfg),
+                {k: record[k] for k in ("val/top1", "test/top1", "test/top5") if record[k] is not None})
+    if not dist.is_main():
+        return
+    path = write_results(run_dir, record, classes)
+    if wandb_run is not None:
+        wandb_run.log_evaluation(record, classes)
+        wandb_run.summarize({k: v for k, v in record.items() if k != "config"})
+        wandb_run.finish()
+    val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
+    say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
+        f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}")
 
 
 def say(text: str) -> None:
@@ -145,7 +169,7 @@ def encoder_arch(cfg: FinetuneConfig, source: Optional[EncoderFile]) -> tuple[st
     """(arch, width): the checkpoint's; model.* only names the architecture when starting from scratch."""
     if source is None:
         if cfg.model.arch is None:
-            raise UserError("checkpoint=none needs model.arch (resnet18, resnet34, resnet50, vit_tiny or vit_small)")
+            raise UserError(f"checkpoint=none needs model.arch ({', '.join(ARCHS[:-1])} or {ARCHS[-1]})")
         if cfg.model.width is not None and cfg.model.arch.startswith("vit"):
             raise UserError(f"model.width applies to ResNets only, not {cfg.model.arch}")
         return cfg.model.arch, cfg.model.width
@@ -174,7 +198,7 @@ def default_run_name(cfg: FinetuneConfig, source: Optional[EncoderFile], arch: s
 def find_resume_state(cfg: FinetuneConfig, run_dir: Path, checkpoint_sha: Optional[str]) -> Optional[dict]:
     """A fine-tuning run's checkpoint to continue from, checked to hold the same encoder and recipe; None to start
     (or start over: linear probes and kNN keep no checkpoints)."""
-    path = run_dir / "checkpoints" / "last.pt"
+    path = last_checkpoint(run_dir)
     if cfg.eval.mode != "finetune" or not path.is_file():
         return None
     state = load_file(path)

@@ -27,8 +27,8 @@ from configs.schema import PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
 from core import dist
 from core.files import atomic_save, write_json
-from engine.checkpoint import load_file, load_strict, sha256_of
-from engine.cli import Stopped, UserError, run_cli
+from engine.checkpoint import ENCODER_FILE, last_checkpoint, load_file, load_strict, sha256_of
+from engine.cli import Diverged, Stopped, UserError, run_cli
 from core.device import autocast, resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.accuracy import topk_accuracy
@@ -36,7 +36,7 @@ from engine.knn import extract_features, extract_features_sharded, knn_top1
 from engine.plots import view_pair_grid
 from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
-from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
+from engine.optim import optimizer_and_schedule, set_lr
 from engine.tracking import (MetricsLog, decide_wandb_mode, format_metrics, git_sha, keep_wandb_out, run_facts,
                              start_wandb, write_results)
 from losses.diagnostics import embedding_stats
@@ -60,7 +60,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     check_config(cfg)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
-    resume = find_resume_state(cfg, run_dir)  # validated before anything is written
+    resume, resume_path = find_resume_state(cfg, run_dir)  # validated before anything is written
     wandb_cfg = decide_wandb_mode(cfg.wandb)  # online | offline in seconds, before any data is loaded
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     if dist.is_main():
@@ -95,7 +95,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if resume is not None:
         start_epoch, step, best_knn = restore(resume, model, optimizer)
         if dist.is_main():
-            print(f"resume: from epoch {start_epoch}, step {step} ({resume['_path']})", flush=True)
+            print(f"resume: from epoch {start_epoch}, step {step} ({resume_path})", flush=True)
 
     # ---------------------------------------------------------------- run directory
     run = open_records(cfg, run_dir, wandb_cfg, resume, sampler.steps_per_epoch, device)
@@ -137,8 +137,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
         summary.update(online_classifier_results(model, splits, dtype))
     if dist.is_main():
-        save_encoder(run_dir / "encoder.pt", model.encoder, cfg)
-        summary["encoder_sha256"] = sha256_of(run_dir / "encoder.pt")  # what evaluations name as their checkpoint
+        save_encoder(run_dir / ENCODER_FILE, model.encoder, cfg)
+        summary["encoder_sha256"] = sha256_of(run_dir / ENCODER_FILE)  # what evaluations name as their checkpoint
         if cfg.eval.linear_at_end:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
@@ -204,16 +204,10 @@ def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = 
 
 def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int
                     ) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
-    """The optimizer over the model's parameter groups and the lr schedule, a pure function of the step:
-    linear warm-up to optim.base_lr x batch / 256, then cosine to optim.min_lr_ratio of it."""
-    peak_lr = effective_lr(cfg.optim.base_lr, cfg.train.batch_size)
-    optimizer = create_optimizer(cfg.optim.name, model, lr=peak_lr, weight_decay=cfg.optim.weight_decay,
-                                 momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-                                 decay_norm_bias=cfg.optim.decay_norm_bias, own_groups=online_classifier_group(cfg),
-                                 trust_coeff=cfg.optim.lars_trust_coeff, trust_clip=cfg.optim.lars_trust_clip)
-    schedule = partial(lr_at, peak_lr=peak_lr, warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
-                       total_steps=cfg.train.epochs * steps_per_epoch, min_lr=cfg.optim.min_lr_ratio * peak_lr)
-    return optimizer, schedule
+    """The optimizer over the model's parameter groups (the online classifier's its own) and the lr schedule."""
+    return optimizer_and_schedule(cfg.optim, model, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
+                                  steps_per_epoch=steps_per_epoch, own_groups=online_classifier_group(cfg),
+                                  trust_coeff=cfg.optim.lars_trust_coeff, trust_clip=cfg.optim.lars_trust_clip)
 
 
 def online_classifier_group(cfg: PretrainConfig) -> Optional[dict]:
@@ -276,7 +270,7 @@ class RunRecords:
 
     @property
     def checkpoint(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+        return last_checkpoint(self.run_dir)
 
 
 def open_records(cfg: PretrainConfig, run_dir: Path, wandb_cfg, resume: Optional[dict], steps_per_epoch: int,
@@ -417,8 +411,8 @@ def linear_probe_at_end(cfg: PretrainConfig, encoder: torch.nn.Module, splits: L
                         run_dir: Path) -> dict:
     """The paper's number in the same command: the linear probe (probe.*) of the final encoder -> results.json."""
     outcome = linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype)
-    record = results_record(outcome, splits, mode="linear", label_fraction=1.0, checkpoint=str(run_dir / "encoder.pt"),
-                            checkpoint_sha256=sha256_of(run_dir / "encoder.pt"), git_sha=git_sha(),
+    record = results_record(outcome, splits, mode="linear", label_fraction=1.0, checkpoint=str(run_dir / ENCODER_FILE),
+                            checkpoint_sha256=sha256_of(run_dir / ENCODER_FILE), git_sha=git_sha(),
                             config=to_dict(cfg))
     path = write_results(run_dir, record, splits.classes)
     print(f"linear probe: test top-1 {record['test/top1']:.2f}% (val top-1 {record['val/top1']}) -> {path}", flush=True)
@@ -432,7 +426,7 @@ def finish_wandb(wandb_run, encoder: torch.nn.Module, splits: LabeledSplits, dty
         shown = slice(0, EMBEDDING_IMAGES)
         features = extract_features(encoder, splits.val_images[shown], mean=splits.mean, std=splits.std, dtype=dtype)
         wandb_run.log_embeddings("val/embeddings", features, splits.val_labels[shown], splits.classes, step, epoch)
-    wandb_run.log_encoder(run_dir / "encoder.pt", run_dir.name, {"git_sha": git_sha(), **summary})
+    wandb_run.log_encoder(run_dir / ENCODER_FILE, run_dir.name, {"git_sha": git_sha(), **summary})
     wandb_run.summarize(summary)
     wandb_run.finish()
 
@@ -450,7 +444,7 @@ def read_training_state(loss_sum: torch.Tensor, model: torch.nn.Module, stop_req
 
 
 def check_finite(loss: float, step: int, run: RunRecords, weights_finite: bool = True) -> float:
-    """The loss, or stop: summary.json records the divergence (a result, not a crash) and the run exits 2."""
+    """The loss, or stop: summary.json records the divergence (a result, not a crash) and the run exits 3."""
     if not (math.isfinite(loss) and weights_finite):
         run_dir, wandb_run = run.run_dir, run.wandb_run
         kept = f"the last good checkpoint is {run.checkpoint}" if run.checkpoint.is_file() else \
@@ -464,7 +458,7 @@ def check_finite(loss: float, step: int, run: RunRecords, weights_finite: bool =
             if wandb_run is not None:
                 wandb_run.summarize(summary)
                 wandb_run.finish()
-        raise UserError(f"{what} at step {step}; stopping ({kept}). Try a lower optim.base_lr")
+        raise Diverged(f"{what} at step {step}; stopping ({kept}). Try a lower optim.base_lr")
     return loss
 
 
@@ -488,20 +482,21 @@ def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig) -> N
                  "git_sha": git_sha()}, path)
 
 
-def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
-    """The checkpoint to continue from, per run.resume (auto | never | PATH), checked against this config."""
-    last = run_dir / "checkpoints" / "last.pt"
+def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> tuple[Optional[dict], Optional[Path]]:
+    """(the checkpoint to continue from, its path) per run.resume (auto | never | PATH), checked against this
+    config; (None, None) to start afresh."""
+    last = last_checkpoint(run_dir)
     if cfg.run.resume == "never":
         if last.exists() or (run_dir / "metrics.jsonl").exists():
             raise UserError(f"run directory {str(run_dir)!r} already holds a run and run.resume=never; "
                             "choose another run.name or use run.resume=auto")
-        return None
+        return None, None
     path = last if cfg.run.resume == "auto" else Path(cfg.run.resume).expanduser()
     if cfg.run.resume == "auto" and not path.is_file():
-        if (run_dir / "encoder.pt").is_file() or (run_dir / "summary.json").is_file():
+        if (run_dir / ENCODER_FILE).is_file() or (run_dir / "summary.json").is_file():
             raise UserError(f"run directory {str(run_dir)!r} holds a finished run (encoder.pt / summary.json) but no "
                             "checkpoints/last.pt to continue from; it is not trained over: choose another run.name")
-        return None
+        return None, None
     state = load_file(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
@@ -510,8 +505,7 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> Optional[dict]:
         raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "
                         "only train.epochs, logging, run.*, wandb.*, device and data paths may change on resume. "
                         "Start a new run with another run.name")
-    state["_path"] = str(path)
-    return state
+    return state, path
 
 
 def restore(state: dict, model: SimCLR, optimizer) -> tuple[int, int, Optional[float]]:

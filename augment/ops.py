@@ -138,21 +138,6 @@ def blend(images: Tensor, reference: Tensor, factor: Tensor) -> Tensor:
     return torch.lerp(reference, images, _per_sample(factor)).clamp_(0, 1)
 
 
-def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
-    """Scale intensities by factor [n] (blend with black)."""
-    return (images * _per_sample(factor)).clamp(0, 1)
-
-
-def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
-    """Blend with each image's mean luma. factor: [n]."""
-    return blend(images, grayscale(images).mean(dim=(-3, -2, -1), keepdim=True), factor)
-
-
-def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
-    """Blend with each image's luma image. factor: [n]."""
-    return blend(images, grayscale(images), factor)
-
-
 HUE_OFFSETS = (5.0, 3.0, 1.0)  # hsv -> rgb closed form: channel c = v - (v - min) * ramp((offset_c + 6 h) mod 6)
 
 

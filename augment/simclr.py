@@ -102,10 +102,6 @@ class SimCLRAugment:
         self.apply = torch.compile(self.apply, dynamic=False)
         return self
 
-    def augment(self, x: Tensor, g: Optional[torch.Generator] = None) -> Tensor:
-        """One random view of each float image in [0, 1], [n, 3, H, W] -> normalized [n, 3, H, W]."""
-        return self.apply(x, self.sample(x.shape[0], *x.shape[-2:], g, x.device))
-
     def sample(self, n: int, height: int, width: int, g: Optional[torch.Generator] = None,
                device: torch.device | str = "cpu") -> "ViewParams":
         """Every random choice for n views, drawn from ``g`` in a fixed order."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.optim import lr_at  # noqa: E402
+from engine.optim import lr_at, set_lr  # noqa: E402
 from engine.probe import feature_stats, train_probes  # noqa: E402
 
 GRID = [0.0, 1e-5, 1e-4, 1e-3, 1e-2]
@@ -56,8 +56,7 @@ def one_at_a_time(features, labels, epochs: int, batch: int) -> None:
                 loss = F.cross_entropy(head(x[idx]), labels[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, peak_lr=0.1, warmup_steps=0, total_steps=steps)
+                set_lr(optimizer, lr_at(step, peak_lr=0.1, warmup_steps=0, total_steps=steps))
                 optimizer.step()
                 step += 1
 

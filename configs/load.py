@@ -19,8 +19,6 @@ from core.errors import UserError
 
 T = TypeVar("T")
 
-USAGE = "usage: python {script} [--config FILE] [key=value ...]"
-
 
 def parse_args(argv: Sequence[str]) -> Tuple[str | None, list[str]]:
     """Split the command line into an optional ``--config FILE`` and ``key=value`` overrides."""

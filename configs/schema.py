@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from core.names import ARCHS, LOSS_IMPLS, OPTIMIZERS
+
 
 @dataclass
 class DataConfig:
@@ -182,8 +184,6 @@ class FinetuneConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")
-
 # Keys (or key prefixes) that say where or how fast a run goes, not what it computes: two runs that differ only here
 # are the same experiment (tables match runs ignoring them; a resumed run may change them).
 NOT_RESULT_KEYS = ("run.", "wandb.", "device", "data.root", "data.download", "data.cache_dir", "train.log_every",
@@ -196,9 +196,9 @@ CHOICES = {
     "device": None,  # checked by core.device
     "data.name": ("cifar10", "folder", "synthetic"),
     "model.arch": ARCHS,
-    "loss.impl": ("auto", "reference", "fused"),
+    "loss.impl": LOSS_IMPLS,
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
-    "optim.name": ("lars", "sgd", "adamw"),
+    "optim.name": OPTIMIZERS,
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "eval.mode": ("linear", "finetune", "knn"),
     "eval.knn_vote": ("weighted", "majority"),

@@ -10,6 +10,13 @@ class UserError(Exception):
     """
 
 
+class Diverged(Exception):
+    """Training diverged (a non-finite loss, weight or statistic): a result, recorded in summary.json, not bad
+    input. run_cli prints ``error: <message>`` and exits with :attr:`STATUS`, which tells it apart from status 2."""
+
+    STATUS = 3
+
+
 class Stopped(Exception):
     """A run stopped on request (a preemption signal) after saving what it needs to continue: not a failure, but
     the job did not finish. run_cli prints ``stopped: <message>`` and exits with ``status`` (128 + the signal)."""

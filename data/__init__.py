@@ -1,5 +1,5 @@
 """Datasets as device-resident uint8 tensors: sources, deterministic splits and the epoch sampler."""
-from data.loader import EpochSampler, derived_seed, seeded_generator
+from data.sampler import EpochSampler, derived_seed, seeded_generator
 from data.sources import ImageDataset, load_source, make_synthetic
 from data.splits import class_ranks, split_labeled, split_train_val
 

@@ -14,6 +14,15 @@ from core.errors import UserError
 from core.files import atomic_save  # noqa: F401  (re-exported: its home was here)
 
 
+CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/last.pt: what a run continues from
+ENCODER_FILE = "encoder.pt"  # <run dir>/encoder.pt: what evaluations read
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where a run directory keeps the checkpoint it continues from."""
+    return Path(run_dir) / CHECKPOINT_DIR / "last.pt"
+
+
 def load_file(path: Path, what: str = "checkpoint") -> dict:
     """Read a file written by :func:`atomic_save`; unreadable or foreign files are a UserError.
 
@@ -73,7 +82,7 @@ def read_encoder(spec: str) -> EncoderFile:
     """Resolve ``spec`` (a pretraining run directory, its checkpoints/last.pt, or an encoder.pt) and read it."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        candidates = [path / "encoder.pt", path / "checkpoints" / "last.pt"]
+        candidates = [path / ENCODER_FILE, last_checkpoint(path)]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise UserError(f"checkpoint directory {spec!r} holds neither encoder.pt nor checkpoints/last.pt")
@@ -87,7 +96,7 @@ def read_encoder(spec: str) -> EncoderFile:
         encoder_state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
         arch = {"arch": state["config"]["model"]["arch"], "width": state["config"]["model"].get("width")}
         normalize = state["config"].get("aug", {}).get("normalize", "cifar")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
     else:
         raise UserError(f"{str(path)!r} is neither an encoder.pt nor a pretraining checkpoint "
                         f"(keys: {', '.join(sorted(map(str, state))[:6])})")

@@ -1,5 +1,8 @@
-"""How entrypoints fail on bad input: one `error:` line on stderr, exit status 2, no traceback (UserError and
-Stopped live in core.errors, the bottom layer, and are re-exported here)."""
+"""How entrypoints end when they do not finish: one line on stderr and an exit status, no traceback.
+
+bad input (UserError) and OS errors: `error: ...`, status 2; divergence (Diverged): `error: ...`, status 3; a stop
+signal after a checkpoint (Stopped): `stopped: ...`, 128 + the signal. The exceptions live in core.errors, the bottom
+layer, and are re-exported here."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +10,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from core.errors import Stopped, UserError  # re-exported: raised everywhere, caught here
+from core.errors import Diverged, Stopped, UserError  # re-exported: raised everywhere, caught here
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -26,6 +29,10 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one of them says why
             print(f"error: {one_line}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Diverged as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(Diverged.STATUS)
     except OSError as err:  # the machine, not the code: disk full, read-only or vanished file system, permissions
         if os.environ.get("RANK", "0") == "0":
             where = f" ({err.filename})" if err.filename else ""

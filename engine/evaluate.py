@@ -26,7 +26,7 @@ from core.errors import Stopped, UserError
 from core.device import autocast
 from core import dist
 from engine.knn import extract_features_sharded, knn_predict
-from engine.optim import create_optimizer, effective_lr, lr_at, set_lr
+from engine.optim import effective_lr, optimizer_and_schedule, set_lr
 from engine.preemption import StopRequest
 from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
 from engine.tracking import MetricsLog, format_metrics
@@ -186,11 +186,8 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
     except ValueError as err:
         raise UserError(f"train.batch_size={train.batch_size}: {err}; lower train.batch_size") from None
     model = Classifier(encoder, splits.num_classes).to(device)
-    peak = effective_lr(optim.base_lr, train.batch_size)
-    optimizer = create_optimizer(optim.name, model, lr=peak, weight_decay=optim.weight_decay,
-                                 momentum=optim.momentum, nesterov=optim.nesterov)
-    schedule = partial(lr_at, peak_lr=peak, warmup_steps=round(optim.warmup_epochs * sampler.steps_per_epoch),
-                       total_steps=train.epochs * sampler.steps_per_epoch, min_lr=optim.min_lr_ratio * peak)
+    optimizer, schedule = optimizer_and_schedule(optim, model, batch_size=train.batch_size, epochs=train.epochs,
+                                                 steps_per_epoch=sampler.steps_per_epoch)
     step_model = dist.wrap_ddp(model, device)  # gradients averaged over ranks under torchrun
     step_model = torch.compile(step_model) if train.compile else step_model
     predict = partial(extract_features_sharded, model, mean=splits.mean, std=splits.std, dtype=dtype)  # [N, C]
@@ -206,9 +203,7 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
         for idx in sampler.batches(epoch, device, start=step - epoch * sampler.steps_per_epoch):
             if stop_agreed or (state.stop is not None and state.stop.requested and dist.world_size() == 1):
                 save(step, epoch, val_top1)
-                raise Stopped(f"{state.stop.name or 'a stop signal on another rank'} at step {step}; checkpoint "
-                              f"{state.path} written; the same command continues from there",
-                              128 + (state.stop.signum or signal.SIGTERM))
+                raise _stopped(state, step)
             g = seeded_generator(device, "finetune", seed, step, dist.rank())
             x = _augment_batch(splits.train_images[idx], splits, g)
             with autocast(device, dtype):
@@ -221,16 +216,9 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
             loss_sum += loss.detach()
             step, seen = step + 1, seen + 1
             if step % train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                wants_stop = float(state.stop is not None and state.stop.requested)
-                loss_mean, stops = dist.all_reduce_mean(torch.stack([loss_sum, torch.full_like(loss_sum, wants_stop)]
-                                                                    )).tolist()
-                stop_agreed = stops > 0  # ranks signalled at different steps stop at the same one
-                record = metrics.log(step, step / sampler.steps_per_epoch, {
-                    "train/loss": loss_mean / seen, "train/lr": lr, "train/base_lr": optim.base_lr,
+                stop_agreed = _log_steps(metrics, step, step / sampler.steps_per_epoch, loss_sum, seen, lr, state, {
+                    "train/base_lr": optim.base_lr,
                     "train/images_per_s": seen * train.batch_size / (time.perf_counter() - tick)})
-                if dist.is_main():
-                    print(format_metrics(record), flush=True)
-                loss_sum.zero_()
                 seen, tick = 0, time.perf_counter()
         done = epoch + 1
         if len(splits.val_labels) and ((val_every and done % val_every == 0) or done == train.epochs):
@@ -241,7 +229,25 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainC
         if done % state.every == 0 or done == train.epochs:
             save(step, done, val_top1)
     return EvalOutcome(predict(splits.test_images), val_top1, len(splits.train_labels),
-                       {"finetune/steps": step, "finetune/peak_lr": peak})
+                       {"finetune/steps": step, "finetune/peak_lr": effective_lr(optim.base_lr, train.batch_size)})
+
+
+def _log_steps(metrics: MetricsLog, step: int, epoch: float, loss_sum: torch.Tensor, steps: int, lr: float,
+               state: FinetuneState, extra: dict) -> bool:
+    """Read the summed loss of the last ``steps`` steps (one host sync, zeroing the sum), log and print it; returns
+    whether any rank was asked to stop (ranks signalled at different steps stop at the same one)."""
+    wants_stop = float(state.stop is not None and state.stop.requested)
+    loss, stops = dist.all_reduce_mean(torch.stack([loss_sum, torch.full_like(loss_sum, wants_stop)])).tolist()
+    loss_sum.zero_()
+    record = metrics.log(step, epoch, {"train/loss": loss / steps, "train/lr": lr, **extra})
+    if dist.is_main():
+        print(format_metrics(record), flush=True)
+    return stops > 0
+
+
+def _stopped(state: FinetuneState, step: int) -> Stopped:
+    return Stopped(f"{state.stop.name or 'a stop signal on another rank'} at step {step}; checkpoint {state.path} "
+                   "written; the same command continues from there", 128 + (state.stop.signum or signal.SIGTERM))
 
 
 def _save_finetune_state(state: FinetuneState, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from functools import partial
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
+
+from core.names import OPTIMIZERS
 
 
 def effective_lr(base_lr: float, global_batch: int) -> float:
@@ -81,4 +84,17 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}")
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_and_schedule(optim, model: nn.Module, *, batch_size: int, epochs: int, steps_per_epoch: int,
+                           **options: Any) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+    """The optimizer an ``OptimConfig`` describes over ``model`` and its lr schedule, a pure function of the step:
+    linear warm-up to optim.base_lr x batch_size / 256, then cosine to optim.min_lr_ratio of it. ``options`` go to
+    :func:`create_optimizer` (own_groups, trust_coeff, ...)."""
+    peak = effective_lr(optim.base_lr, batch_size)
+    optimizer = create_optimizer(optim.name, model, lr=peak, weight_decay=optim.weight_decay, momentum=optim.momentum,
+                                 nesterov=optim.nesterov, decay_norm_bias=optim.decay_norm_bias, **options)
+    schedule = partial(lr_at, peak_lr=peak, warmup_steps=round(optim.warmup_epochs * steps_per_epoch),
+                       total_steps=epochs * steps_per_epoch, min_lr=optim.min_lr_ratio * peak)
+    return optimizer, schedule

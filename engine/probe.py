@@ -13,9 +13,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from data.loader import derived_seed, seeded_generator
+from data.sampler import derived_seed, seeded_generator
 from engine.accuracy import topk_accuracy
-from engine.optim import lr_at
+from engine.optim import lr_at, set_lr
 
 FeatureFn = Callable[[torch.Tensor, int], torch.Tensor]  # (indices [B], step) -> standardized features [B, d]
 
@@ -90,8 +90,7 @@ def train_probes(features_of: FeatureFn, labels: torch.Tensor, *, num_classes: i
             loss = ce + 0.5 * (decay * weight.pow(2).sum(dim=1)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, peak_lr=lr, warmup_steps=0, total_steps=total)
+            set_lr(optimizer, lr_at(step, peak_lr=lr, warmup_steps=0, total_steps=total))
             optimizer.step()
     return LinearProbes(weight.detach().view(groups, num_classes, dim), bias.detach().view(groups, num_classes), mean,
                         std, list(weight_decays))

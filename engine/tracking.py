@@ -96,8 +96,7 @@ class WandbRun:
         # Epoch-level metrics are plotted against epochs, step-level ones against steps.
         self.run.define_metric("step")
         self.run.define_metric("epoch")
-        for pattern in ("train/*",):
-            self.run.define_metric(pattern, step_metric="step")
+        self.run.define_metric("train/*", step_metric="step")
         for pattern in ("knn/*", "knn_test/*", "online/*", "val/*", "test/*", "linear/*"):
             self.run.define_metric(pattern, step_metric="epoch")
         self.run.define_metric("knn/top1", step_metric="epoch", summary="max")

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from core import dist
+from core.names import LOSS_IMPLS
 from losses import triton_nt_xent
 from losses.gather import gather_with_grad
 
-IMPLS = ("auto", "reference", "fused")
+IMPLS = LOSS_IMPLS
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = False,

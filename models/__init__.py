@@ -5,12 +5,12 @@ from typing import Optional
 
 from torch import nn
 
+from core.names import ARCHS
+
 from models.heads import projection_head
 from models.resnet import LAYOUTS, cifar_resnet
 from models.simclr import SimCLR
 from models.vit import SIZES, cifar_vit
-
-ARCHS = tuple(LAYOUTS) + tuple(SIZES)
 
 
 def create_encoder(arch: str, width: Optional[int] = None) -> nn.Module:

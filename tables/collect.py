@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 
 from configs.schema import FinetuneConfig, PretrainConfig
+from engine.checkpoint import CHECKPOINT_DIR, ENCODER_FILE
 from tables.plan import Plan, PlannedRun, comparable
 from tables.spec import PRETRAIN
 
@@ -45,7 +46,7 @@ def scan_run_dirs(root: Path) -> List[RunRecord]:
     """Every run directory under ``root`` (any depth, any name): a folder holding an entrypoint's config.yaml."""
     records = []
     for config_file in sorted(Path(root).rglob("config.yaml")):
-        if {"wandb", "checkpoints"} & set(config_file.relative_to(root).parts):  # W&B's own copies, not runs
+        if {"wandb", CHECKPOINT_DIR} & set(config_file.relative_to(root).parts):  # W&B's own copies, not runs
             continue
         record = _read_run_dir(config_file.parent)
         if record is not None:
@@ -150,4 +151,4 @@ def _reads_the_right_encoder(run: PlannedRun, record: RunRecord, found: Dict[str
     # an evaluation that has not written results.json yet: only its config's path says what it reads
     named = Path(record.checkpoint).expanduser()  # relative paths: from the working directory, as launched
     home = Path(pretraining.where)
-    return named.resolve() in {home.resolve(), (home / "encoder.pt").resolve()}
+    return named.resolve() in {home.resolve(), (home / ENCODER_FILE).resolve()}

@@ -119,8 +119,9 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], runs_dir: str, extra: Sequ
     return Plan(spec, list(seeds), list(runs.values()), by_cell)
 
 
-def _stage_args(recipe: Optional[str], *parts: Any) -> List[str]:
-    shared, stage, row, seed, extra = parts
+def _stage_args(recipe: Optional[str], shared: Sequence[str], stage: Sequence[str], row: Sequence[str], seed: int,
+                extra: Sequence[str]) -> List[str]:
+    """One run's command-line arguments: its recipe file, then overrides from the least to the most specific."""
     config = [f"--config={os.path.relpath(REPO / recipe)}"] if recipe else []
     return config + [*shared, *stage, *row, f"seed={seed}", *extra]
 

@@ -47,9 +47,10 @@ def pretrained_run(tmp_path_factory) -> Path:
     return root / "tiny"
 
 
-def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    """The bad-input contract: exit status 2, the last stderr line `error: ...` naming the problem, no traceback."""
-    assert result.returncode == 2, (result.stdout, result.stderr)
+def assert_user_error(result: subprocess.CompletedProcess, fragment: str, status: int = 2) -> None:
+    """The bad-input contract: exit status 2 (3 for divergence), the last stderr line `error: ...` naming the
+    problem, no traceback."""
+    assert result.returncode == status, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
     assert "Traceback" not in result.stderr

@@ -140,3 +140,16 @@ def test_compiled_step_keeps_gradients_and_running_statistics(forward_views):
     assert theirs["encoder.bn1.num_batches_tracked"] == (2 if forward_views == "joint" else 4)
     for (name, p), q in zip(eager.named_parameters(), compiled_copy.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_every_configurable_name_has_an_implementation():
+    """core.names is the one list the config accepts; each name must build (archs), run (loss) or exist (optimizers)."""
+    from core.names import ARCHS, LOSS_IMPLS, OPTIMIZERS
+    from engine.optim import create_optimizer
+    from models.resnet import LAYOUTS
+    from models.vit import SIZES
+
+    assert set(LAYOUTS) | set(SIZES) == set(ARCHS)
+    z = torch.randn(4, 8)
+    assert all(torch.isfinite(nt_xent(z, z.flip(0), 0.5, impl=impl)) for impl in LOSS_IMPLS)
+    assert all(create_optimizer(name, torch.nn.Linear(2, 2), lr=0.1, weight_decay=0.0) for name in OPTIMIZERS)

@@ -58,7 +58,7 @@ def test_divergence_with_a_finite_loss_is_recorded_as_divergence(tmp_path):
     """LARS at base lr 1e6: the loss stays near 5.3 while weights and batch-norm statistics overflow."""
     result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", "eval.knn_every=0",
                                                      "optim.base_lr=1e6"))
-    assert_user_error(result, "weights or batch-norm statistics became non-finite")
+    assert_user_error(result, "weights or batch-norm statistics became non-finite", status=3)
     summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["reason"].startswith("weights")
     assert float(summary["train/loss"]) < 10  # the loss itself never said so

@@ -1,0 +1,7 @@
+"""The names configs accept and the code implements, defined once (configs/schema.py validates against them; models/,
+losses/ and engine/optim.py build from them; tests check that each name has an implementation)."""
+from __future__ import annotations
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")  # models.create_encoder
+LOSS_IMPLS = ("auto", "reference", "fused")  # losses.nt_xent(impl=...)
+OPTIMIZERS = ("lars", "sgd", "adamw")  # engine.optim.create_optimizer
