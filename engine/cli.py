@@ -21,30 +21,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)`` and map :class:`UserError` to an `error:` line and exit status 2."""
+    """Call ``main(argv)``; turn the ways it can end early into one line on stderr and an exit status (module
+    docstring). Programming errors keep their tracebacks."""
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as err:
-        one_line = " ".join(part.strip() for part in str(err).splitlines() if part.strip())  # library messages may wrap
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one of them says why
-            print(f"error: {one_line}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _end("error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip()), 2)  # may wrap
     except Diverged as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(Diverged.STATUS)
-    except OSError as err:  # the machine, not the code: disk full, read-only or vanished file system, permissions
-        if os.environ.get("RANK", "0") == "0":
-            where = f" ({err.filename})" if err.filename else ""
-            print(f"error: {err.strerror or err}{where}; files written before are intact", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _end(f"error: {err}", Diverged.STATUS)
     except Stopped as stopped:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"stopped: {stopped}", file=sys.stderr, flush=True)
-        sys.exit(stopped.status)
+        _end(f"stopped: {stopped}", stopped.status)
     except BrokenPipeError:  # output piped into `head` or the like, which stopped reading: end quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except OSError as err:  # the machine, not the code: disk full, read-only or vanished file system, permissions
+        where = f" ({err.filename})" if err.filename else ""
+        _end(f"error: {err.strerror or err}{where}; files written before are intact", 2)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _end("error: interrupted", 130)
+
+
+def _end(line: str, status: int) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank ends alike; one of them says why
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -1,6 +1,7 @@
 """Shared helpers: paths, the CIFAR-10 archive, and running the real entrypoints in a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,11 @@ def archive() -> Path:
     if not ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 archive not found at {ARCHIVE}")
     return ARCHIVE
+
+
+def read_jsonl(path: Path) -> list:
+    """Every JSON line of a file (metrics.jsonl, a benchmark's output): one object per line."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def run_entry(script: str, *args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

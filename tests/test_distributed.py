@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
+from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
 
 
 TORCHRUN_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -41,7 +41,7 @@ def test_gather_and_ddp_equal_one_process(tmp_path):
 
 
 def first_loss(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl((run_dir / "metrics.jsonl"))
     return next(r["train/loss"] for r in records if "train/loss" in r)
 
 

@@ -11,7 +11,7 @@ import torch
 import finetune as finetune_entry
 from engine.checkpoint import sha256_of
 from engine.cli import run_cli
-from tests.conftest import assert_user_error, run_entry, tiny_run_args
+from tests.conftest import assert_user_error, read_jsonl, run_entry, tiny_run_args
 
 RESULT_KEYS = {"test/top1", "test/top5", "val/top1", "test/per_class", "test/confusion", "data/train_images", "mode",
                "label_fraction", "checkpoint", "checkpoint_sha256", "git_sha", "config"}
@@ -82,7 +82,7 @@ def test_supervised_baseline_and_label_fraction(tmp_path):
                               "eval.mode=finetune", "eval.label_fraction=0.1", "train.epochs=2", "eval.val_every=1")
     assert record["checkpoint"] == "none" and record["checkpoint_sha256"] is None
     assert record["data/train_images"] == 500  # 10% of the 5,000 synthetic training images, 50 per class
-    records = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl((tmp_path / "eval" / "metrics.jsonl"))
     assert [r["epoch"] for r in records if "val/top1" in r and "test/top1" not in r] == [1, 2]
     assert all(r["train/loss"] > 0 for r in records if "train/loss" in r)
 

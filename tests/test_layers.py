@@ -61,7 +61,8 @@ def test_low_packages_import_on_their_own(package):
     import sys
 
     code = (f"import sys, {package}\n"
-            "above = sorted(m for m in sys.modules if m.split('.')[0] in ('engine', 'tables', 'pretrain', 'finetune'))\n"
+            "above = sorted(m for m in sys.modules\n"
+            "               if m.split('.')[0] in ('engine', 'tables', 'pretrain', 'finetune'))\n"
             "print(above)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -9,11 +9,7 @@ import pytest
 import torch
 
 from engine.checkpoint import sha256_of
-from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
 
 
 def test_smoke_run_writes_the_run_directory(tmp_path):

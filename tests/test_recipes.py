@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from engine.checkpoint import read_encoder
-from tests.conftest import REPO, assert_user_error, run_entry
+from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry
 
 TINY = ["data.name=synthetic", "device=cpu", "model.width=4", "data.train_limit=600", "train.batch_size=100",
         "train.epochs=1", "train.log_every=2", "wandb.mode=disabled"]
@@ -54,7 +54,7 @@ def test_lightly_recipe_runs_with_every_setting_as_published(tmp_path):
     assert {k for k in ckpt["model"] if k.startswith("head.") and k.endswith(("weight", "bias"))} == {
         "head.0.weight", "head.1.weight", "head.1.bias", "head.3.weight", "head.4.weight", "head.4.bias"}
     summary = json.loads((run / "summary.json").read_text())
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl((run / "metrics.jsonl"))
     monitored = [r["knn_test/top1"] for r in records if "knn_test/top1" in r]
     assert len(monitored) == 2 and "knn/top1" not in summary  # no validation split: only the test monitor
     assert summary["knn_test/top1"] == monitored[-1] and summary["knn_test/max_top1"] == max(monitored)
@@ -65,7 +65,7 @@ def test_online_classifier_is_trained_logged_and_scored(tmp_path):
     run, _ = run_recipe(tmp_path, "cifar10_resnet18.yaml", "eval.online_linear=true", "eval.online_lr=1.0",
                         "data.val_size=200", "eval.knn_every=4", "eval.knn_k=20", "train.epochs=8",
                         "optim.warmup_epochs=0", "run.name=online")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl((run / "metrics.jsonl"))
     assert [r["epoch"] for r in records if "online/val_top1" in r] == [0, 4, 8]
     assert all(0 <= r["online/train_top1"] <= 100 for r in records if "train/loss" in r)
     summary = json.loads((run / "summary.json").read_text())
@@ -90,9 +90,16 @@ def test_online_classifier_is_trained_logged_and_scored(tmp_path):
     (["optim.lars_trust_clip=perhaps"], "optim.lars_trust_clip"),
     (["eval.online_linear=yes-please"], "eval.online_linear"),
 ])
-def test_new_keys_reject_bad_values(tmp_path, args, fragment):
-    result = run_entry("pretrain.py", *TINY, f"run.dir={tmp_path}", "run.name=bad", *args)
-    assert_user_error(result, fragment)
+def test_new_keys_reject_bad_values(tmp_path, capsys, args, fragment):
+    """In this process, as ``python pretrain.py`` runs main (tests/test_pretrain.py checks the same contract
+    through a subprocess): exit status 2, one `error:` line, nothing written."""
+    import pretrain
+    from engine.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(pretrain.main, [*TINY, f"run.dir={tmp_path}", "run.name=bad", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith("error: ") and fragment in err[-1], err
     assert not (tmp_path / "bad").exists()
 
 

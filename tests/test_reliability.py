@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_user_error, run_entry, tiny_run_args
+from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
 
 
 class Payload:
@@ -119,11 +119,22 @@ def _weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_a_preemption_signal_saves_the_step_and_the_rerun_ends_bit_identical(tmp_path, signum):
-    args = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1"]
-    straight = run_entry("pretrain.py", *tiny_run_args(tmp_path / "a", *args))
+PREEMPTED_ARGS = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_pretraining(tmp_path_factory):
+    """The weights a 4-epoch tiny run ends with when nothing stops it (the reference of every interrupted run)."""
+    root = tmp_path_factory.mktemp("straight")
+    straight = run_entry("pretrain.py", *tiny_run_args(root, *PREEMPTED_ARGS))
     assert straight.returncode == 0, straight.stderr
+    return _weights(root / "tiny")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_preemption_signal_saves_the_step_and_the_rerun_ends_bit_identical(tmp_path, uninterrupted_pretraining,
+                                                                             signum):
+    args = PREEMPTED_ARGS
     status, output = _run_until(["pretrain.py", *tiny_run_args(tmp_path / "b", *args)], "step 8 |", signum)
     assert status == 128 + signum, output
     stopped = re.search(rf"stopped: {signal.Signals(signum).name} at step (\d+) \(epoch [\d.]+\); checkpoint", output)
@@ -132,9 +143,9 @@ def test_a_preemption_signal_saves_the_step_and_the_rerun_ends_bit_identical(tmp
     assert saved["step"] == int(stopped.group(1)) >= 8  # the checkpoint is at the step it stopped at
     resumed = run_entry("pretrain.py", *tiny_run_args(tmp_path / "b", *args))
     assert resumed.returncode == 0 and f"resume: from epoch {saved['epoch']}, step {saved['step']}" in resumed.stdout
-    a, b = _weights(tmp_path / "a" / "tiny"), _weights(tmp_path / "b" / "tiny")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    a, b = uninterrupted_pretraining, _weights(tmp_path / "b" / "tiny")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_jsonl((tmp_path / "b" / "tiny" / "metrics.jsonl"))]
     assert steps == sorted(set(steps))
 
 
@@ -181,7 +192,7 @@ def test_fine_tuning_killed_with_sigkill_continues_to_the_same_results(
     assert resumed.returncode == 0 and "resume: from epoch 1, step 10" in resumed.stdout, resumed.stderr
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert {k: results[k] for k in RESULT_NUMBERS} == {k: expected[k] for k in RESULT_NUMBERS}
-    steps = [json.loads(line)["step"] for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_jsonl((tmp_path / "ft" / "metrics.jsonl"))]
     assert steps == sorted(steps) and steps.count(12) == 1  # steps redone after the kill are logged once
 
 
@@ -218,7 +229,7 @@ def test_a_second_identical_command_is_refused_while_the_first_trains(tmp_path):
     assert_user_error(second, f"is in use by pid {first.pid} on {socket.gethostname()}")
     first.stdout.read()
     assert first.wait() == 0
-    steps = [json.loads(line)["step"] for line in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_jsonl((tmp_path / "tiny" / "metrics.jsonl"))]
     assert steps == sorted(set(steps)) and steps[-1] == 18  # every step once, from one writer
     assert not (tmp_path / "tiny" / ".lock").exists()
 
