@@ -19,11 +19,14 @@ from configs.load import load_config, recipe_changes, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
 from core import dist
-from engine.checkpoint import EncoderFile, last_checkpoint, load_file, load_strict, read_encoder, sha256_of
+from core.files import atomic_save
+from engine.checkpoint import (CLASSIFIER_FILE, EncoderFile, classifier_state, last_checkpoint, load_file, load_strict,
+                               read_encoder, sha256_of)
 from engine.cli import UserError, run_cli
 from core.device import resolve_device, resolve_precision
-from engine.evaluate import (EvalOutcome, FinetuneState, LabeledSplits, check_probe_config, finetune_evaluation,
-                             knn_evaluation, linear_evaluation, results_record)
+from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, knn_evaluation, linear_evaluation,
+                             results_record)
+from engine.finetuning import FinetuneState, finetune_evaluation
 from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
 from engine.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
@@ -42,13 +45,13 @@ def main(argv: Sequence[str]) -> dict:
 
 def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- config and checkpoint (all checks first)
-    cfg = load_config(argv, FinetuneConfig)
+    cfg = load_config(argv, FinetuneConfig, prog="finetune.py")
     keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)
-    check_config(cfg, dtype)
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
+    check_config(cfg, dtype, arch)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
     held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
     stop = held.enter_context(StopRequest()) if cfg.eval.mode == "finetune" else None  # others just die and rerun
@@ -86,16 +89,32 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
                             checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
                             git_sha=git_sha(), config=to_dict(cfg))
-    publish(record, cfg, arch, splits.classes, run_dir, metrics, wandb_run, outcome.extra.get("finetune/steps", 0))
+    classifier = classifier_state(encoder, outcome.head, arch=arch, width=width, classes=splits.classes,
+                                  normalize=source.normalize if source else "cifar", mode=cfg.eval.mode,
+                                  checkpoint_sha256=checkpoint_sha) if outcome.head is not None else None
+    publish(record, cfg, arch, splits.classes, classifier, run_dir, metrics, wandb_run,
+            outcome.extra.get("finetune/steps", 0))
     dist.barrier()
     dist.shutdown()
     return record
 
 
-def check_config(cfg: FinetuneConfig, dtype: torch.dtype) -> None:
-    """Combinations of keys that cannot work, refused before anything is read or written."""
+TOOLKIT_KEYS = ("mixup_alpha", "cutmix_alpha", "label_smoothing", "grad_clip", "ema_decay")  # train.*, finetune only
+
+
+def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
+    """Combinations of keys that cannot work, refused before anything is written."""
     if dtype == torch.float64:
         raise UserError("train.precision=fp64 is for pretraining exactness checks; use fp32, bf16 or auto here")
+    used = [f"train.{key}" for key in TOOLKIT_KEYS if getattr(cfg.train, key)]
+    if cfg.optim.layer_decay < 1:
+        used.append("optim.layer_decay")
+    if used and cfg.eval.mode != "finetune":
+        raise UserError(f"{', '.join(used)} apply to eval.mode=finetune only, not eval.mode={cfg.eval.mode}")
+    if cfg.optim.layer_decay < 1 and not arch.startswith("vit"):
+        raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
+    if cfg.train.ema_decay >= 1:
+        raise UserError(f"train.ema_decay={cfg.train.ema_decay} must be < 1 (1 would never move from the first weights)")
     if cfg.eval.mode == "finetune":
         dist.check_global_batch(cfg.train.batch_size)
     if cfg.eval.mode == "linear":
@@ -134,21 +153,25 @@ def load_labeled_splits(cfg: FinetuneConfig, source: Optional[EncoderFile], devi
                          *input_normalization(source))
 
 
-def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], run_dir: Path, metrics: MetricsLog,
-            wandb_run, steps: int) -> None:
-    """The headline numbers into metrics.jsonl; results.json, confusion.png and W&B by rank 0; the result line."""
-    metrics.log(steps, final_epoch(cfg),
-                {k: record[k] for k in ("val/top1", "test/top1", "test/top5") if record[k] is not None})
+def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], classifier: Optional[dict],
+            run_dir: Path, metrics: MetricsLog, wandb_run, steps: int) -> None:
+    """The headline numbers into metrics.jsonl; classifier.pt, results.json (last: it marks the run finished),
+    confusion.png and W&B by rank 0; the result line."""
+    metrics.log(steps, final_epoch(cfg), {k: record[k] for k in ("val/top1", "test/top1", "test/top5", "ema/val_top1",
+                                                                  "ema/test_top1") if record.get(k) is not None})
     if not dist.is_main():
         return
+    if classifier is not None:
+        atomic_save(classifier, run_dir / CLASSIFIER_FILE)
     path = write_results(run_dir, record, classes)
     if wandb_run is not None:
         wandb_run.log_evaluation(record, classes)
         wandb_run.summarize({k: v for k, v in record.items() if k != "config"})
         wandb_run.finish()
     val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
+    ema = f", EMA weights: test top-1 {record['ema/test_top1']:.2f}%" if "ema/test_top1" in record else ""
     say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
-        f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}) -> {path}")
+        f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}{ema}) -> {path}")
 
 
 def say(text: str) -> None:

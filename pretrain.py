@@ -53,7 +53,7 @@ def main(argv: Sequence[str]) -> dict:
 
 def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- config
-    cfg = load_config(argv, PretrainConfig)
+    cfg = load_config(argv, PretrainConfig, prog="pretrain.py")
     keep_wandb_out(cfg.wandb.mode)
     device = dist.init_from_env(resolve_device(cfg.device), cfg.run.backend)  # torchrun: cuda:LOCAL_RANK
     dtype = resolve_precision(cfg.train.precision, device)

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 from pathlib import Path
-from typing import Any, Sequence, Tuple, Type, TypeVar
+from typing import Any, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from configs.schema import CHOICES, RANGES, RESUMABLE_CHANGES, PretrainConfig
-from core.errors import UserError
+from core.errors import Answered, UserError
 
 T = TypeVar("T")
 
@@ -33,7 +34,7 @@ def parse_args(argv: Sequence[str]) -> Tuple[str | None, list[str]]:
         elif arg.startswith("--config="):
             config_file = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            raise UserError(f"unknown option {arg!r}; expected --config FILE and key=value overrides")
+            raise UserError(f"unknown option {arg!r}; expected --config FILE and key=value overrides (see --help)")
         elif "=" not in arg:
             raise UserError(f"override {arg!r} has no '='; write it as key=value (for example train.epochs=100)")
         else:
@@ -53,8 +54,18 @@ def config_keys(schema: Type) -> list[str]:
     return keys
 
 
-def load_config(argv: Sequence[str], schema: Type[T] = PretrainConfig) -> T:
-    """Parse ``[--config FILE] [key=value ...]`` into a validated instance of ``schema``."""
+def load_config(argv: Sequence[str], schema: Type[T] = PretrainConfig, prog: str = "") -> T:
+    """Parse ``[--config FILE] [key=value ...]`` into a validated instance of ``schema``.
+
+    ``--help [SECTION]`` and ``--print-config`` (the resolved config as YAML) raise :class:`core.errors.Answered`
+    with the text to print instead: the entrypoint shows it and exits 0 without running.
+    """
+    argv, help_section, print_config = _questions(argv)
+    if help_section is not None:
+        from configs.help import help_text  # reads the schema's source: only when asked
+
+        usage = f"usage: python {prog or 'ENTRYPOINT'} [--config FILE] [key=value ...] [--help [SECTION]] [--print-config]"
+        raise Answered(help_text(schema, usage, inspect.getdoc(schema) or "", help_section or None))
     config_file, overrides = parse_args(argv)
     cfg = OmegaConf.structured(schema)
     if config_file is not None:
@@ -66,7 +77,27 @@ def load_config(argv: Sequence[str], schema: Type[T] = PretrainConfig) -> T:
         cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), schema, "", key)
     obj = OmegaConf.to_object(cfg)
     validate(obj)
+    if print_config:
+        raise Answered(to_yaml(obj))
     return obj
+
+
+def _questions(argv: Sequence[str]) -> Tuple[list[str], Optional[str], bool]:
+    """Take ``--help``/``-h`` (with an optional SECTION after it or after ``=``) and ``--print-config`` out of argv:
+    (the rest, the section ('' for all; None: no help asked), whether to print the config)."""
+    rest, section, print_config = [], None, False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--help", "-h"):
+            section = args.pop(0) if args and not args[0].startswith("-") and "=" not in args[0] else ""
+        elif arg.startswith("--help="):
+            section = arg.split("=", 1)[1]
+        elif arg == "--print-config":
+            print_config = True
+        else:
+            rest.append(arg)
+    return rest, section, print_config
 
 
 def _read_yaml(path: str) -> DictConfig:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from core.names import ARCHS, LOSS_IMPLS, OPTIMIZERS
+from core.names import ARCHS, EXPORT_FORMATS, LOSS_IMPLS, OPTIMIZERS
 
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"  # cifar10 | folder | synthetic
+    """Where the images come from and how the training images are split."""
+
+    name: str = "cifar10"  # cifar10: the python pickle copy | folder: image folders or an archive | synthetic: tests
     # cifar10: a directory holding cifar-10-batches-py. folder: an image-folder directory or a .tar/.tar.gz/.tar.xz
     # archive of one (train/<class>/*, test/<class>/*). Kept outside the source tree.
     root: str = "~/.cache/simclr/cifar10"
@@ -27,11 +29,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # resnet18 | resnet34 | resnet50 | vit_tiny | vit_small
+    """The encoder and the projection head."""
+
+    arch: str = "resnet18"  # ResNets with the CIFAR stem (3x3 conv, no max-pool); ViTs from timm, patch 4
     width: Optional[int] = None  # ResNet base width (64 = standard); None = the architecture's own
     proj_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLR v2 head
     proj_hidden_dim: Optional[int] = None  # None = the encoder's feature dimension
-    proj_dim: int = 128
+    proj_dim: int = 128  # output dimension of the head: the space the loss compares views in
     proj_bn: bool = True  # batch norm after each hidden linear of the head (SimCLR); false: Linear-ReLU (dkobak)
     proj_out_bn: bool = False  # batch norm on the head's output too (lightly's cifar10 benchmark)
     # joint: batch norm over both views together | separate: per-view statistics, exactly what one forward pass per
@@ -42,37 +46,45 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.5
-    impl: str = "auto"  # auto | reference | fused
+    """NT-Xent: the contrastive loss over the 2N views of a batch."""
+
+    temperature: float = 0.5  # logits are cosine similarities / temperature
+    impl: str = "auto"  # reference: one logit matrix | fused: blockwise, O(N) memory | auto: the faster measured
 
 
 @dataclass
 class AugConfig:
+    """The SimCLR view augmentation, run batched on the device."""
+
     strength: float = 0.5  # colour jitter strength s: brightness/contrast/saturation 0.8 s, hue 0.2 s
     min_scale: float = 0.08  # random resized crop: smallest area fraction
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
+    jitter_prob: float = 0.8  # probability of the colour jitter
+    gray_prob: float = 0.2  # probability of converting a view to grayscale
     blur_prob: float = 0.0  # off for CIFAR (paper B.9)
-    solarize_prob: float = 0.0
+    solarize_prob: float = 0.0  # probability of solarizing a view (BYOL-style; off in SimCLR)
     normalize: str = "cifar"  # the encoder's input normalization: cifar | imagenet | none (pixels in [0, 1])
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1000
+    """Epochs, batch, precision and compilation of the training loop."""
+
+    epochs: int = 1000  # passes over the training images
     batch_size: int = 512  # global: summed over all processes
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (exactness checks)
-    compile: bool = False
+    compile: bool = False  # torch.compile the training step (faster on GPUs after a minute of compiling)
     log_every: int = 50  # steps between reads of device-side metrics (each read is a host sync)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # lars | sgd | adamw
+    """Optimizer and learning-rate schedule (linear warm-up, then cosine, per step)."""
+
+    name: str = "lars"  # lars: SGD with layer-wise trust ratios (SimCLR) | sgd | adamw
     base_lr: float = 1.0  # effective lr = base_lr x global batch / 256
-    weight_decay: float = 1e-6
+    weight_decay: float = 1e-6  # L2 on conv and linear weights (see decay_norm_bias for the rest)
     momentum: float = 0.9  # lars, sgd
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = 10.0  # linear warm-up from 0 to the effective lr, then cosine
     min_lr_ratio: float = 0.0  # cosine ends at min_lr_ratio x effective lr
     nesterov: bool = False  # sgd only
     lars_trust_coeff: float = 1e-3  # lars only: local lr = trust_coeff x |w| / |g| (solo-learn's CIFAR recipe: 0.02)
@@ -82,8 +94,10 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    """Monitoring during pretraining (kNN, online linear classifier) and the optional final probe."""
+
     knn_every: int = 10  # epochs between kNN evaluations on the validation split; 0 = off
-    knn_k: int = 200
+    knn_k: int = 200  # neighbours that vote
     knn_temperature: float = 0.1  # weighted vote: each neighbour counts exp(cosine / T)
     knn_vote: str = "weighted"  # weighted (Wu et al. 2018, lightly) | majority (one vote per neighbour, dkobak)
     # Monitoring only: also score each kNN evaluation on the test split (lightly reports the maximum over epochs of
@@ -99,7 +113,7 @@ class ProbeConfig:
     """Linear probe on frozen features: one classifier per weight decay, trained together, chosen on val."""
 
     epochs: int = 100  # passes over the training features
-    batch_size: int = 1024
+    batch_size: int = 1024  # features per probe step
     lr: float = 0.1  # SGD with Nesterov momentum 0.9, cosine to 0, on standardized features
     wd_grid: List[float] = field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2])  # L2 on the weights
     refit_on_val: bool = True  # with label_fraction 1: refit the chosen classifier on train + val before test
@@ -107,7 +121,9 @@ class ProbeConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs"
+    """The run directory, resumption, checkpoints and the distributed backend."""
+
+    dir: str = "runs"  # parent of the run directory <run.dir>/<run.name>
     name: str = ""  # empty = <arch>-<data.name>-s<seed>
     resume: str = "auto"  # auto | never | <path to a checkpoint>
     ckpt_every: int = 1  # epochs between checkpoints (also written at the end)
@@ -116,19 +132,23 @@ class RunConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "auto"  # auto | online | offline | disabled
-    project: str = "simclr-cifar10"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    notes: Optional[str] = None
+    """Weights & Biases tracking (offline-first: auto falls back to offline without a server)."""
+
+    mode: str = "auto"  # auto: online when the server answers, else offline (sync later) | online | offline | disabled
+    project: str = "simclr-cifar10"  # W&B project the run is filed under
+    entity: Optional[str] = None  # W&B team or user; None = your default entity
+    group: Optional[str] = None  # W&B group (e.g. one per table or sweep)
+    name: Optional[str] = None  # W&B run name; None = run.name
+    tags: List[str] = field(default_factory=list)  # W&B tags, e.g. [baseline,r18]
+    notes: Optional[str] = None  # W&B run notes
 
 
 @dataclass
 class PretrainConfig:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    """Pretrain an encoder with SimCLR. Defaults are the paper's CIFAR-10 ResNet-18 recipe."""
+
+    seed: int = 0  # initialization, augmentation and batch order; the validation split has its own (data.split_seed)
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -143,24 +163,57 @@ class PretrainConfig:
 
 @dataclass
 class EncoderConfig:
+    """Which encoder to build: the checkpoint's unless starting from scratch (checkpoint=none)."""
+
     arch: Optional[str] = None  # None = the checkpoint's; required with checkpoint=none
     width: Optional[int] = None  # ResNets; None = the checkpoint's (or 64 from scratch)
 
 
 @dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """The fine-tuning loop (eval.mode=finetune; checkpoint=none with all labels is the supervised baseline) and its
+    regularizers, each off by default."""
+
+    # MixUp / CutMix on the device batch (torchvision.transforms.v2): mixing weight ~ Beta(alpha, alpha); 0 = off
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0  # CutMix: a box of area fraction 1 - lambda, lambda ~ Beta(alpha, alpha); 0 = off
+    mix_prob: float = 1.0  # share of batches that are mixed, when mixup_alpha or cutmix_alpha is set
+    cutmix_switch_prob: float = 0.5  # with both set: share of mixed batches that use CutMix instead of MixUp
+    label_smoothing: float = 0.0  # F.cross_entropy's: targets (1 - e) one-hot + e / classes (also on mixed targets)
+    grad_clip: float = 0.0  # clip the global gradient norm at this value; 0 = off (train/grad_norm is logged before)
+    # exponential moving average of the weights (and batch-norm statistics), evaluated beside the raw weights as
+    # ema/val_top1 and ema/test_top1: ema <- decay x ema + (1 - decay) x weights after every step; 0 = off
+    ema_decay: float = 0.0
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """Optimizer and learning-rate schedule of fine-tuning (linear warm-up, then cosine, per step)."""
+
+    # ViTs: layer-wise lr decay (timm's param_groups_layer_decay): block i (from 0) of L gets lr x
+    # layer_decay^(L - 1 - i), the patch embedding and tokens layer_decay^L, the last block and the head the full lr;
+    # 1 = off
+    layer_decay: float = 1.0
+
+
+@dataclass
 class FinetuneEvalConfig:
-    mode: str = "linear"  # linear | finetune | knn
+    """What evaluation to run and on how many labels."""
+
+    mode: str = "linear"  # linear: probe on frozen features | finetune: all weights + a new head | knn
     label_fraction: float = 1.0  # class-balanced share of the labels: 0.01 = 500 CIFAR-10 images, nested by seed
     augment: bool = False  # linear: random crop + flip with features computed on the fly
     val_every: int = 10  # finetune: epochs between validation measurements; 0 = at the end only
-    knn_k: int = 200
+    knn_k: int = 200  # neighbours that vote
     knn_temperature: float = 0.1  # weighted vote: each neighbour counts exp(cosine / T)
     knn_vote: str = "weighted"  # weighted | majority (one vote per neighbour; with knn_k=10: dkobak's protocol)
 
 
 @dataclass
 class FinetuneRunConfig:
-    dir: str = "runs"
+    """The evaluation's run directory, checkpoints (fine-tuning) and distributed backend."""
+
+    dir: str = "runs"  # parent of the run directory <run.dir>/<run.name>
     name: str = ""  # empty = <checkpoint run>-<mode>[-<pct>pct]-s<seed>
     ckpt_every: int = 1  # finetune mode: epochs between checkpoints (also written at the end and on a stop signal)
     backend: str = "auto"  # process group under torchrun: auto (NCCL on CUDA, gloo on CPU) | nccl | gloo
@@ -168,20 +221,38 @@ class FinetuneRunConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Evaluation of a pretrained encoder (or a random one: checkpoint=none)."""
+    """Evaluate a pretrained encoder (or a random one: checkpoint=none) on labeled images: linear probe, fine-tuning
+    or kNN. Fine-tuning from checkpoint=none with all labels is the supervised baseline."""
 
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # the head's initialization, augmentation, batch order and the label subset
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     checkpoint: str = ""  # a pretraining run directory, its checkpoints/last.pt, an encoder.pt, or none
     data: DataConfig = field(default_factory=DataConfig)
     model: EncoderConfig = field(default_factory=EncoderConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=256))  # finetune mode
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="sgd", base_lr=0.05, weight_decay=5e-4, warmup_epochs=0.0, nesterov=True))  # finetune mode
+    train: FinetuneTrainConfig = field(default_factory=lambda: FinetuneTrainConfig(epochs=100, batch_size=256))
+    optim: FinetuneOptimConfig = field(default_factory=lambda: FinetuneOptimConfig(
+        name="sgd", base_lr=0.05, weight_decay=5e-4, warmup_epochs=0.0, nesterov=True))
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear mode
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ExportConfig:
+    """Export a pretraining run's encoder or an evaluation run's classifier (encoder + head) for deployment, then read
+    the file back and check its outputs against the eager model on real test images. Input contract of every
+    export: uint8 images [N, 3, 32, 32], RGB 0-255, normalization inside; output features [N, D] or logits [N, C]."""
+
+    # a pretraining run directory (its encoder), an evaluation run directory (its classifier.pt: encoder + head), or
+    # one of their files (encoder.pt, checkpoints/last.pt, classifier.pt)
+    checkpoint: str = ""
+    format: str = "onnx"  # torchscript (torch.jit) | onnx (dynamic batch, onnxruntime) | safetensors (+ metadata)
+    out: str = ""  # the file to write, which must not exist; <out>.json beside it records the contract and the check
+    check_only: bool = False  # check the existing export at `out` (SHA-256 and outputs) instead of writing one
+    check_images: int = 512  # test images (the first of the test split) the export is checked on
+    tolerance: float = 1e-4  # largest allowed max |exported - eager| / max |eager| on those images
+    data: DataConfig = field(default_factory=DataConfig)  # where the check's test images come from
 
 
 # Keys (or key prefixes) that say where or how fast a run goes, not what it computes: two runs that differ only here
@@ -205,6 +276,7 @@ CHOICES = {
     "model.forward_views": ("joint", "separate"),
     "aug.normalize": ("cifar", "imagenet", "none"),
     "run.backend": ("auto", "nccl", "gloo"),
+    "format": EXPORT_FORMATS,
 }
 
 # (low, high, low_inclusive) for numeric keys; high None = unbounded.
@@ -237,8 +309,18 @@ RANGES = {
     "eval.online_lr": (0, None, False),
     "eval.label_fraction": (0, 1, False),
     "eval.val_every": (0, None, True),
+    "train.mixup_alpha": (0, None, True),
+    "train.cutmix_alpha": (0, None, True),
+    "train.mix_prob": (0, 1, True),
+    "train.cutmix_switch_prob": (0, 1, True),
+    "train.label_smoothing": (0, 1, True),
+    "train.grad_clip": (0, None, True),
+    "train.ema_decay": (0, 1, True),
+    "optim.layer_decay": (0, 1, False),
     "probe.epochs": (1, None, True),
     "probe.batch_size": (1, None, True),
     "probe.lr": (0, None, False),
     "run.ckpt_every": (1, None, True),
+    "check_images": (1, None, True),
+    "tolerance": (0, None, False),
 }

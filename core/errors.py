@@ -24,3 +24,12 @@ class Stopped(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Answered(Exception):
+    """The command line asked a question (``--help``, ``--print-config``) whose answer is the whole job: run_cli prints
+    the text on stdout and exits 0 without running anything."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text

@@ -16,6 +16,7 @@ from core.files import atomic_save  # noqa: F401  (re-exported: its home was her
 
 CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/last.pt: what a run continues from
 ENCODER_FILE = "encoder.pt"  # <run dir>/encoder.pt: what evaluations read
+CLASSIFIER_FILE = "classifier.pt"  # <evaluation run dir>/classifier.pt: encoder + trained head (export, explain)
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -87,7 +88,11 @@ def read_encoder(spec: str) -> EncoderFile:
         if found is None:
             raise UserError(f"checkpoint directory {spec!r} holds neither encoder.pt nor checkpoints/last.pt")
         path = found
-    state = load_file(path)
+    return encoder_from_state(load_file(path), path)
+
+
+def encoder_from_state(state: dict, path: Path) -> EncoderFile:
+    """The encoder inside a loaded encoder.pt, classifier.pt or pretraining checkpoint; non-finite weights refused."""
     if "encoder" in state and "arch" in state:  # encoder.pt
         encoder_state, arch = state["encoder"], state["arch"]
         normalize = state.get("normalize", "cifar")
@@ -117,3 +122,48 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def classifier_state(encoder: nn.Module, head: nn.Linear, *, arch: str, width: Optional[int], normalize: str,
+                     classes: list[str], **provenance) -> dict:
+    """What classifier.pt holds: an encoder.pt (``encoder``, ``arch``, ``normalize``; so evaluations can start from
+    it too) plus the trained ``head`` (weight [C, d], bias [C], on raw encoder features) and the class names."""
+    return {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+            "arch": {"arch": arch, "width": width}, "normalize": normalize,
+            "head": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "classes": list(classes),
+            **provenance}
+
+
+@dataclass
+class ClassifierFile:
+    """An evaluation's classifier.pt: the encoder (as :class:`EncoderFile`), the head and the class names."""
+
+    encoder: EncoderFile
+    head: dict  # {"weight": [C, d], "bias": [C]}
+    classes: list[str]
+
+
+def read_classifier(spec: str) -> ClassifierFile:
+    """Read an evaluation run directory's classifier.pt (or the file itself)."""
+    path = Path(spec).expanduser()
+    path = path / CLASSIFIER_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"{spec!r} holds no {CLASSIFIER_FILE}: only linear and finetune evaluations write one "
+                        "(a kNN evaluation trains no head)")
+    state = load_file(path, "classifier")
+    if not isinstance(state.get("head"), dict) or "classes" not in state:
+        raise UserError(f"{str(path)!r} is not a classifier.pt (no head or classes)")
+    return ClassifierFile(encoder_from_state(state, path), state["head"], list(state["classes"]))
+
+
+def read_trained(spec: str) -> tuple[EncoderFile, Optional[ClassifierFile]]:
+    """What a run directory or file holds for deployment: (encoder, classifier) from an evaluation's classifier.pt,
+    (encoder, None) from a pretraining run, its encoder.pt or checkpoints/last.pt."""
+    path = Path(spec).expanduser()
+    if (path.is_dir() and (path / CLASSIFIER_FILE).is_file()) or path.name == CLASSIFIER_FILE:
+        classifier = read_classifier(spec)
+        return classifier.encoder, classifier
+    if path.is_dir() and (path / "results.json").is_file():
+        raise UserError(f"evaluation run {spec!r} holds no {CLASSIFIER_FILE}: only linear and finetune evaluations "
+                        "(from this version on) write one; a kNN evaluation trains no head")
+    return read_encoder(spec), None

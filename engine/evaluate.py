@@ -6,30 +6,33 @@ validation split, which is held out of the training split; the test split never 
 """
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from augment.ops import normalize, padded_crop_flip, sample_crop_flip
-from configs.schema import OptimConfig, ProbeConfig, TrainConfig
-from data import EpochSampler, seeded_generator
-from engine.accuracy import classification_report, topk_accuracy
-from core.files import atomic_save
-from core.errors import Stopped, UserError
+from configs.schema import ProbeConfig
 from core.device import autocast
-from core import dist
+from core.errors import UserError
+from data import seeded_generator
+from engine.accuracy import classification_report, topk_accuracy
 from engine.knn import extract_features_sharded, knn_predict
-from engine.optim import effective_lr, optimizer_and_schedule, set_lr
-from engine.preemption import StopRequest
 from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
-from engine.tracking import MetricsLog, format_metrics
+
+MOVED_TO_FINETUNING = ("Classifier", "FinetuneState", "finetune_evaluation")  # engine.finetuning imports this module
+
+
+def __getattr__(name: str):
+    """Names that moved to engine.finetuning stay importable from here (resolved lazily: no import cycle)."""
+    if name in MOVED_TO_FINETUNING:
+        from engine import finetuning
+
+        return getattr(finetuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class EvalOutcome:
     val_top1: Optional[float]
     train_images: int  # labeled images the final classifier was trained on
     extra: dict = field(default_factory=dict)  # mode-specific record, e.g. the chosen weight decay
+    head: Optional[nn.Linear] = None  # linear and finetune: the trained head on raw encoder features (classifier.pt)
 
 
 def knn_evaluation(encoder: nn.Module, splits: LabeledSplits, *, k: int, temperature: float, vote: str = "weighted",
@@ -123,7 +127,7 @@ def linear_evaluation(encoder: nn.Module, splits: LabeledSplits, cfg: ProbeConfi
     extra = {"probe/weight_decay": chosen.weight_decay, "probe/val_top1_by_wd": chosen.val_top1_by_wd,
              "probe/train_seconds": round(seconds, 3), "probe/refit_on_val": trained_on > len(splits.train_labels),
              "probe/augment": augment}
-    return EvalOutcome(final.logits(test_f)[0], chosen.val_top1, trained_on, extra)
+    return EvalOutcome(final.logits(test_f)[0], chosen.val_top1, trained_on, extra, head=final.folded_head())
 
 
 def _augmented_features(encoder: nn.Module, images: torch.Tensor, splits: LabeledSplits, dtype: torch.dtype,
@@ -134,129 +138,18 @@ def _augmented_features(encoder: nn.Module, images: torch.Tensor, splits: Labele
 
     @torch.no_grad()
     def features_of(idx: torch.Tensor, step: int) -> torch.Tensor:
-        x = _augment_batch(images[idx], splits, seeded_generator(images.device, "probe-augment", seed, step))
+        x = augment_batch(images[idx], splits, seeded_generator(images.device, "probe-augment", seed, step))
         with autocast(x.device, dtype):
             return (encoder(x).float() - mean) / std
     return features_of
 
 
-def _augment_batch(images: torch.Tensor, splits: LabeledSplits, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, splits: LabeledSplits, generator: torch.Generator) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> normalized float views after random crop (padding 4) and horizontal flip."""
     offsets, flip = sample_crop_flip(images.shape[0], 4, generator, images.device)
     x = padded_crop_flip(images, 4, offsets, flip).float().div_(255)
     x = normalize(x, splits.mean, splits.std)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
-
-
-class Classifier(nn.Module):
-    """Encoder + a new linear head: images [B, 3, H, W] -> logits [B, C]."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.encoder, self.head = encoder, nn.Linear(encoder.feature_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-@dataclass
-class FinetuneState:
-    """Where fine-tuning checkpoints go and what they carry, and how to stop: a run that is killed, preempted or
-    requeued continues from its last checkpoint with the same command and ends with the same numbers."""
-
-    path: Optional[Path] = None  # checkpoints/last.pt of the evaluation run; None: no checkpoints
-    every: int = 1  # epochs between checkpoints (also written at the end and on a stop signal)
-    provenance: dict = field(default_factory=dict)  # saved beside the weights (config, encoder SHA-256) and checked
-    resume: Optional[dict] = None  # a checkpoint read back: continue from it
-    stop: Optional[StopRequest] = None  # polled between steps
-
-
-def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: TrainConfig, optim: OptimConfig, *,
-                        seed: int, dtype: torch.dtype, val_every: int, metrics: MetricsLog,
-                        state: Optional[FinetuneState] = None) -> EvalOutcome:
-    """Fine-tune the whole network plus a new head on the labeled training images; score test at the end.
-
-    SGD (Nesterov by default) with warm-up + cosine per step, random crop (padding 4) + flip on the device. The
-    step's augmentation and the epoch's order derive from (seed, step) and (seed, epoch), so resuming is exact.
-    """
-    state = state or FinetuneState()
-    device = splits.train_labels.device
-    try:
-        sampler = EpochSampler(len(splits.train_labels), train.batch_size, seed, dist.rank(), dist.world_size())
-    except ValueError as err:
-        raise UserError(f"train.batch_size={train.batch_size}: {err}; lower train.batch_size") from None
-    model = Classifier(encoder, splits.num_classes).to(device)
-    optimizer, schedule = optimizer_and_schedule(optim, model, batch_size=train.batch_size, epochs=train.epochs,
-                                                 steps_per_epoch=sampler.steps_per_epoch)
-    step_model = dist.wrap_ddp(model, device)  # gradients averaged over ranks under torchrun
-    step_model = torch.compile(step_model) if train.compile else step_model
-    predict = partial(extract_features_sharded, model, mean=splits.mean, std=splits.std, dtype=dtype)  # [N, C]
-    val_top1, step, start_epoch, stop_agreed = None, 0, 0, False
-    if state.resume is not None:
-        model.load_state_dict(state.resume["model"])
-        optimizer.load_state_dict(state.resume["optimizer"])
-        step, start_epoch, val_top1 = state.resume["step"], state.resume["epoch"], state.resume.get("val_top1")
-    save = partial(_save_finetune_state, state, model, optimizer)
-    for epoch in range(start_epoch, train.epochs):
-        model.train()
-        loss_sum, seen, tick = torch.zeros((), device=device), 0, time.perf_counter()
-        for idx in sampler.batches(epoch, device, start=step - epoch * sampler.steps_per_epoch):
-            if stop_agreed or (state.stop is not None and state.stop.requested and dist.world_size() == 1):
-                save(step, epoch, val_top1)
-                raise _stopped(state, step)
-            g = seeded_generator(device, "finetune", seed, step, dist.rank())
-            x = _augment_batch(splits.train_images[idx], splits, g)
-            with autocast(device, dtype):
-                loss = F.cross_entropy(step_model(x).float(), splits.train_labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = schedule(step)
-            set_lr(optimizer, lr)
-            optimizer.step()
-            loss_sum += loss.detach()
-            step, seen = step + 1, seen + 1
-            if step % train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs
-                stop_agreed = _log_steps(metrics, step, step / sampler.steps_per_epoch, loss_sum, seen, lr, state, {
-                    "train/base_lr": optim.base_lr,
-                    "train/images_per_s": seen * train.batch_size / (time.perf_counter() - tick)})
-                seen, tick = 0, time.perf_counter()
-        done = epoch + 1
-        if len(splits.val_labels) and ((val_every and done % val_every == 0) or done == train.epochs):
-            val_top1 = topk_accuracy(predict(splits.val_images), splits.val_labels)
-            record = metrics.log(step, done, {"val/top1": val_top1})
-            if dist.is_main():
-                print(format_metrics(record), flush=True)
-        if done % state.every == 0 or done == train.epochs:
-            save(step, done, val_top1)
-    return EvalOutcome(predict(splits.test_images), val_top1, len(splits.train_labels),
-                       {"finetune/steps": step, "finetune/peak_lr": effective_lr(optim.base_lr, train.batch_size)})
-
-
-def _log_steps(metrics: MetricsLog, step: int, epoch: float, loss_sum: torch.Tensor, steps: int, lr: float,
-               state: FinetuneState, extra: dict) -> bool:
-    """Read the summed loss of the last ``steps`` steps (one host sync, zeroing the sum), log and print it; returns
-    whether any rank was asked to stop (ranks signalled at different steps stop at the same one)."""
-    wants_stop = float(state.stop is not None and state.stop.requested)
-    loss, stops = dist.all_reduce_mean(torch.stack([loss_sum, torch.full_like(loss_sum, wants_stop)])).tolist()
-    loss_sum.zero_()
-    record = metrics.log(step, epoch, {"train/loss": loss / steps, "train/lr": lr, **extra})
-    if dist.is_main():
-        print(format_metrics(record), flush=True)
-    return stops > 0
-
-
-def _stopped(state: FinetuneState, step: int) -> Stopped:
-    return Stopped(f"{state.stop.name or 'a stop signal on another rank'} at step {step}; checkpoint {state.path} "
-                   "written; the same command continues from there", 128 + (state.stop.signum or signal.SIGTERM))
-
-
-def _save_finetune_state(state: FinetuneState, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                         epoch: int, val_top1: Optional[float]) -> None:
-    """Atomically, by rank 0: weights, optimizer, step, completed epochs, last validation top-1, provenance."""
-    if state.path is not None and dist.is_main():
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                     "val_top1": val_top1, **state.provenance}, state.path)
-    dist.barrier()
 
 
 def results_record(outcome: EvalOutcome, splits: LabeledSplits, *, mode: str, label_fraction: float,

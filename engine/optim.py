@@ -63,16 +63,39 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_bias: bool
     return [g for g in groups if g["params"]]
 
 
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+    """Layer-wise lr decay for a ViT classifier (``model.encoder`` a timm ViT, ``model.head`` a new head): timm's
+    groups of the encoder, block i (from 0) of L scaled by layer_decay^(L - 1 - i), the stem by layer_decay^L, through
+    each group's ``lr_scale`` (which
+    :func:`set_lr` applies), no decay on 1-d parameters and tokens; the head at the full lr, its bias undecayed."""
+    from timm.optim import param_groups_layer_decay
+
+    encoder = model.encoder
+    if not hasattr(encoder, "group_matcher"):
+        raise ValueError(f"layer-wise lr decay needs a ViT encoder, not {type(encoder).__name__}")
+    groups = param_groups_layer_decay(encoder, weight_decay, no_weight_decay_list=encoder.no_weight_decay(),
+                                      layer_decay=layer_decay)
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": 1.0},
+               {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
 def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9,
                      nesterov: bool = False, decay_norm_bias: bool = False,
                      own_groups: Optional[Mapping[str, dict[str, Any]]] = None, trust_coeff: float = 1e-3,
-                     trust_clip: bool = False) -> torch.optim.Optimizer:
-    """LARS (timm's), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups`.
+                     trust_clip: bool = False, layer_decay: float = 1.0) -> torch.optim.Optimizer:
+    """LARS (timm's), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups` (or, with
+    ``layer_decay`` < 1, :func:`layer_decay_groups`).
 
     LARS adapts exactly the groups marked ``always_adapt`` (the decayed one), also when weight_decay is 0, with
     local lr trust_coeff x |w| / |g|, clipped at the global lr when ``trust_clip`` (LARC).
     """
-    groups = param_groups(model, weight_decay, decay_norm_bias=decay_norm_bias, own_groups=own_groups)
+    if layer_decay < 1:
+        groups = [{**g, "always_adapt": g["weight_decay"] > 0} for g in
+                  layer_decay_groups(model, weight_decay, layer_decay)]
+    else:
+        groups = param_groups(model, weight_decay, decay_norm_bias=decay_norm_bias, own_groups=own_groups)
     if name == "lars":
         from timm.optim import Lars  # timm loads only when LARS is used (after engine.tracking.keep_wandb_out)
 
@@ -93,6 +116,7 @@ def optimizer_and_schedule(optim, model: nn.Module, *, batch_size: int, epochs: 
     linear warm-up to optim.base_lr x batch_size / 256, then cosine to optim.min_lr_ratio of it. ``options`` go to
     :func:`create_optimizer` (own_groups, trust_coeff, ...)."""
     peak = effective_lr(optim.base_lr, batch_size)
+    options.setdefault("layer_decay", getattr(optim, "layer_decay", 1.0))  # FinetuneOptimConfig has one
     optimizer = create_optimizer(optim.name, model, lr=peak, weight_decay=optim.weight_decay, momentum=optim.momentum,
                                  nesterov=optim.nesterov, decay_norm_bias=optim.decay_norm_bias, **options)
     schedule = partial(lr_at, peak_lr=peak, warmup_steps=round(optim.warmup_epochs * steps_per_epoch),

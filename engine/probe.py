@@ -41,6 +41,16 @@ class LinearProbes:
         return LinearProbes(self.weight[index:index + 1], self.bias[index:index + 1], self.mean, self.std,
                             [self.weight_decays[index]])
 
+    def folded_head(self, index: int = 0) -> torch.nn.Linear:
+        """Classifier ``index`` as one nn.Linear on raw features (the standardization folded into it):
+        x @ (W / std).T + (b - (W / std) @ mean) equals :meth:`logits` [index]."""
+        weight = self.weight[index] / self.std  # [C, d]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.copy_(self.bias[index] - weight @ self.mean)
+        return head
+
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
 

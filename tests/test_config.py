@@ -1,6 +1,7 @@
 import pytest
 from omegaconf import OmegaConf
 
+from configs.schema import FinetuneConfig
 from configs.load import config_keys, from_dict, load_config, parse_args, to_dict, to_yaml
 from configs.schema import PretrainConfig
 from engine.cli import UserError
@@ -84,6 +85,20 @@ def test_recipes_load_and_start_with_launch_command(recipe):
     assert cfg.train.epochs >= 1
     head = recipe.read_text().splitlines()[:4]
     assert any("python pretrain.py --config" in line for line in head)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_finetune_recipes_load_and_start_with_launch_command(recipe):
+    cfg = load_config(["--config", str(recipe)], FinetuneConfig)
+    assert cfg.eval.mode in ("linear", "finetune", "knn")
+    assert any("python finetune.py --config" in line for line in recipe.read_text().splitlines()[:5])
+
+
+def test_vit_finetune_recipe_uses_the_toolkit():
+    cfg = load_config(["--config", str(REPO / "configs/finetune/finetune_vit.yaml")], FinetuneConfig)
+    t = cfg.train
+    assert (t.mixup_alpha, t.cutmix_alpha, t.label_smoothing, t.grad_clip) == (0.8, 1.0, 0.1, 1.0)
+    assert 0 < t.ema_decay < 1 and cfg.optim.name == "adamw" and cfg.optim.layer_decay == 0.75
 
 
 def test_b9_recipe_matches_the_paper():

@@ -16,7 +16,7 @@ ALLOWED = {
     "models": {"core", "losses"},
 }
 PROJECT = {"core", "augment", "losses", "data", "configs", "models", "engine", "tables", "bench", "tests", "pretrain",
-           "finetune", "reproduce"}
+           "finetune", "reproduce", "export", "explain"}
 
 
 def project_imports(path: Path) -> set[str]:

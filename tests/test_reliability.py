@@ -152,10 +152,14 @@ def test_a_preemption_signal_saves_the_step_and_the_rerun_ends_bit_identical(tmp
 def _finetune_args(run_dir, checkpoint, *extra):
     return ["data.name=synthetic", "device=cpu", "data.val_size=500", "data.train_limit=1000", "train.epochs=4",
             "train.batch_size=100", "train.log_every=1", "eval.mode=finetune", "eval.val_every=1",
-            f"checkpoint={checkpoint}", "wandb.mode=disabled", f"run.dir={run_dir}", "run.name=ft", *extra]
+            f"checkpoint={checkpoint}", "wandb.mode=disabled", f"run.dir={run_dir}", "run.name=ft",
+            # the whole toolkit on: its random draws and the EMA must resume exactly too
+            "train.mixup_alpha=0.4", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1", "train.grad_clip=2.0",
+            "train.ema_decay=0.9", *extra]
 
 
-RESULT_NUMBERS = ("test/top1", "test/top5", "val/top1", "test/confusion", "test/per_class", "finetune/steps")
+RESULT_NUMBERS = ("test/top1", "test/top5", "val/top1", "test/confusion", "test/per_class", "finetune/steps",
+                  "ema/val_top1", "ema/test_top1")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,101 @@
+"""Export an encoder or a classifier for deployment. Run: python export.py checkpoint=RUN_DIR format=FORMAT out=PATH
+
+checkpoint: a pretraining run (exports its encoder: features [N, D]) or an evaluation run with a classifier.pt
+(encoder + trained head: logits [N, C]). format: torchscript | onnx (dynamic batch) | safetensors (weights + the
+metadata that rebuilds the module). Every export takes uint8 images [N, 3, 32, 32], RGB 0-255, and normalizes inside.
+After writing, the file is read back (torch.jit.load, onnxruntime, or rebuilt from safetensors) and its outputs on the
+first check_images test images are compared with the eager model's: beyond `tolerance` nothing is written. <out>.json
+records the contract, the SHA-256 and the measured error; check_only=true checks an existing export again.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from configs.load import load_config
+from configs.schema import ExportConfig
+from core.errors import UserError
+from core.files import write_json
+from data import load_source
+from engine.checkpoint import read_trained, sha256_of
+from engine.cli import run_cli
+from engine.export import (build_deployable, check_requirements, load_export, max_relative_error, metadata,
+                           read_metadata, write_export)
+
+
+def main(argv: Sequence[str]) -> dict:
+    # ---------------------------------------------------------------- what to export, where (all checks first)
+    cfg = load_config(argv, ExportConfig, prog="export.py")
+    if not cfg.checkpoint or not cfg.out:
+        raise UserError("checkpoint= and out= are required, e.g. python export.py checkpoint=runs/NAME format=onnx "
+                        "out=model.onnx")
+    out = Path(cfg.out).expanduser()
+    if cfg.check_only != out.exists():
+        raise UserError(f"out={cfg.out!r} does not exist: nothing to check" if cfg.check_only else
+                        f"out={cfg.out!r} already exists; choose another path or remove it (it is not overwritten)")
+    if not out.parent.is_dir():
+        raise UserError(f"the directory of out={cfg.out!r} does not exist")
+    check_requirements(cfg.format)
+    encoder_file, classifier = read_trained(cfg.checkpoint)
+    classes = classifier.classes if classifier else None
+    model = build_deployable(encoder_file, classifier.head if classifier else None)
+
+    # ---------------------------------------------------------------- the images it is checked on
+    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+    if not len(data.test_labels):
+        raise UserError(f"data.root {cfg.data.root!r} has no test split to check the export on")
+    images = data.test_images[:cfg.check_images].cpu()
+
+    # ---------------------------------------------------------------- write (to a temporary name), read back, check
+    meta = metadata(encoder_file, classes, cfg.format)
+    if cfg.check_only:
+        return check_existing(out, cfg, model, images)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        write_export(model, cfg.format, tmp, images[:2], meta)
+        error = max_relative_error(load_export(tmp, cfg.format), model, images)
+        if not error <= cfg.tolerance:
+            raise UserError(f"the {cfg.format} export differs from the eager model by {error:.2e} (relative, on "
+                            f"{len(images)} test images) > tolerance {cfg.tolerance:g}; nothing written")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = {**meta, "sha256": sha256_of(out), "checked_images": len(images), "max_relative_error": error,
+              "tolerance": cfg.tolerance, "data": f"{cfg.data.name} {cfg.data.root}"}
+    write_json(out.with_name(out.name + ".json"), record)
+    print(f"exported: {meta['kind']} {meta['arch']} -> {out} ({cfg.format}, {out.stat().st_size / 1e6:.1f} MB); "
+          f"input {meta['input']}; output {meta['output']}; checked on {len(images)} test images: max relative "
+          f"error {error:.2e} <= {cfg.tolerance:g}", flush=True)
+    return record
+
+
+def check_existing(out: Path, cfg: ExportConfig, model, images) -> dict:
+    """check_only: the file's SHA-256 against its <out>.json record, then its outputs against the eager model."""
+    import json
+
+    record_path = out.with_name(out.name + ".json")
+    if record_path.is_file():
+        recorded = json.loads(record_path.read_text()).get("sha256")
+        if recorded and recorded != sha256_of(out):
+            raise UserError(f"{str(out)!r} was changed or damaged since it was exported: its SHA-256 differs from "
+                            f"the one in {record_path.name}")
+    read_metadata_or_fail(out, cfg.format)
+    error = max_relative_error(load_export(out, cfg.format), model, images)
+    if not error <= cfg.tolerance:
+        raise UserError(f"{str(out)!r} differs from the eager model of checkpoint={cfg.checkpoint} by {error:.2e} "
+                        f"(relative) > tolerance {cfg.tolerance:g}")
+    print(f"checked: {out} ({cfg.format}) matches checkpoint={cfg.checkpoint} on {len(images)} test images: max "
+          f"relative error {error:.2e} <= {cfg.tolerance:g}", flush=True)
+    return {"max_relative_error": error, "checked_images": len(images)}
+
+
+def read_metadata_or_fail(out: Path, fmt: str) -> dict:
+    try:
+        return read_metadata(out, fmt)
+    except Exception as err:  # a damaged file fails in its runtime's own way
+        raise UserError(f"{str(out)!r} is not a readable {fmt} export of this project: {type(err).__name__}") from None
+
+
+if __name__ == "__main__":
+    run_cli(main)
