@@ -178,8 +178,8 @@ def max_relative_error(run: Callable[[torch.Tensor], torch.Tensor], reference: n
     while start < len(images):
         size = batch_sizes[turn % len(batch_sizes)]
         got = run(images[start:start + size]).float()
-        if got.shape != expected[start:start + size].shape:
-            return float("inf")
+        if got.shape != expected[start:start + size].shape or not bool(got.isfinite().all()):
+            return float("inf")  # (NaN would slip through max(): every comparison with it is false)
         worst = max(worst, (got - expected[start:start + size]).abs().max().item())
         start, turn = start + size, turn + 1
     return worst / max(expected.abs().max().item(), 1e-12)

@@ -23,6 +23,12 @@ def archive() -> Path:
     return ARCHIVE
 
 
+@pytest.fixture(scope="session")
+def decoded_cache(tmp_path_factory) -> Path:
+    """A data.cache_dir shared by every test that reads the archive: it is decoded once per session (~20 s)."""
+    return tmp_path_factory.mktemp("decoded")
+
+
 def read_jsonl(path: Path) -> list:
     """Every JSON line of a file (metrics.jsonl, a benchmark's output): one object per line."""
     return [json.loads(line) for line in Path(path).read_text().splitlines()]

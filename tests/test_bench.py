@@ -24,12 +24,6 @@ def test_step_benchmark_quick_cpu_run_prints_the_ratio_to_the_dataloader_baselin
     assert abs(by_what["step/speedup_vs_dataloader"]["figure"] - base / ours) < 1e-2 * base / ours + 1e-3
 
 
-@pytest.fixture(scope="module")
-def decoded_cache(tmp_path_factory):
-    """One decode of the archive shared by this module's tests."""
-    return tmp_path_factory.mktemp("decoded")
-
-
 def test_parity_harness_runs_both_pipelines_and_summarizes(archive, decoded_cache, tmp_path):
     out = tmp_path / "parity.jsonl"
     result = subprocess.run([sys.executable, "bench/parity.py", "--device", "cpu", "--quick", "--epochs", "1",
