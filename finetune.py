@@ -26,6 +26,8 @@ from engine.cli import UserError, run_cli
 from core.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, knn_evaluation, linear_evaluation,
                              results_record)
+from engine.explain import explain, fixed_images, method_for
+from engine.export import Deployable
 from engine.finetuning import FinetuneState, finetune_evaluation
 from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
@@ -92,6 +94,8 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     classifier = classifier_state(encoder, outcome.head, arch=arch, width=width, classes=splits.classes,
                                   normalize=source.normalize if source else "cifar", mode=cfg.eval.mode,
                                   checkpoint_sha256=checkpoint_sha) if outcome.head is not None else None
+    if cfg.eval.explain and dist.is_main():
+        explain_grid(arch, Deployable(encoder, splits.mean, splits.std, outcome.head), splits, run_dir, wandb_run)
     publish(record, cfg, arch, splits.classes, classifier, run_dir, metrics, wandb_run,
             outcome.extra.get("finetune/steps", 0))
     dist.barrier()
@@ -113,6 +117,8 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
         raise UserError(f"{', '.join(used)} apply to eval.mode=finetune only, not eval.mode={cfg.eval.mode}")
     if cfg.optim.layer_decay < 1 and not arch.startswith("vit"):
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
+    if cfg.eval.explain and cfg.eval.mode == "knn":
+        raise UserError("eval.explain needs a trained head: eval.mode=linear or finetune, not knn")
     if cfg.train.ema_decay >= 1:
         raise UserError(f"train.ema_decay={cfg.train.ema_decay} must be < 1 (1 would never move from the first weights)")
     if cfg.eval.mode == "finetune":
@@ -172,6 +178,19 @@ def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], cl
     ema = f", EMA weights: test top-1 {record['ema/test_top1']:.2f}%" if "ema/test_top1" in record else ""
     say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
         f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}{ema}) -> {path}")
+
+
+def explain_grid(arch: str, model: torch.nn.Module, splits: LabeledSplits, run_dir: Path, wandb_run) -> None:
+    """eval.explain: Grad-CAM or attention maps of the trained classifier on 16 fixed test images (explain.py's
+    grid) into the run directory and W&B."""
+    method = method_for(arch)
+    chosen = fixed_images(splits.test_labels.cpu(), 16).to(splits.test_labels.device)
+    title = f"{method} of {arch} ({run_dir.name}) on {len(chosen)} test images"
+    shown = explain(model, splits.test_images[chosen], splits.test_labels[chosen], splits.classes, method,
+                    run_dir / f"{method}.png", title)
+    if wandb_run is not None:
+        wandb_run.log_png(f"explain/{method}", run_dir / f"{method}.png", title)
+    say(f"explained: {title} -> {shown['path']}")
 
 
 def say(text: str) -> None:

@@ -207,6 +207,9 @@ class FinetuneEvalConfig:
     knn_k: int = 200  # neighbours that vote
     knn_temperature: float = 0.1  # weighted vote: each neighbour counts exp(cosine / T)
     knn_vote: str = "weighted"  # weighted | majority (one vote per neighbour; with knn_k=10: dkobak's protocol)
+    # linear and finetune: after the evaluation, Grad-CAM (ResNets) or attention (ViTs) of the trained classifier on
+    # 16 fixed test images: gradcam.png or attention.png in the run directory and W&B media (see explain.py)
+    explain: bool = False
 
 
 @dataclass
@@ -255,6 +258,21 @@ class ExportConfig:
     data: DataConfig = field(default_factory=DataConfig)  # where the check's test images come from
 
 
+@dataclass
+class ExplainConfig:
+    """Show what an evaluation's classifier looks at: Grad-CAM (ResNets) or the class token's attention (ViTs) on a
+    fixed, class-balanced set of test images, as a PNG grid (image, heat map, overlay, predicted and true class) in
+    the evaluation's run directory and as W&B media."""
+
+    checkpoint: str = ""  # an evaluation run directory holding classifier.pt (linear or finetune mode), or the file
+    method: str = "auto"  # auto (by architecture) | gradcam (ResNets: last stage) | attention (ViTs: last block)
+    images: int = 16  # test images shown: the first of each class in turn, then the second, ...
+    out: str = ""  # the PNG to write; empty = <evaluation run dir>/<method>.png. An existing file is never replaced
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)  # where the test images come from
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # a run of job type "explain" with the grid as media
+
+
 # Keys (or key prefixes) that say where or how fast a run goes, not what it computes: two runs that differ only here
 # are the same experiment (tables match runs ignoring them; a resumed run may change them).
 NOT_RESULT_KEYS = ("run.", "wandb.", "device", "data.root", "data.download", "data.cache_dir", "train.log_every",
@@ -277,6 +295,7 @@ CHOICES = {
     "aug.normalize": ("cifar", "imagenet", "none"),
     "run.backend": ("auto", "nccl", "gloo"),
     "format": EXPORT_FORMATS,
+    "method": ("auto", "gradcam", "attention"),
 }
 
 # (low, high, low_inclusive) for numeric keys; high None = unbounded.
@@ -322,5 +341,6 @@ RANGES = {
     "probe.lr": (0, None, False),
     "run.ckpt_every": (1, None, True),
     "check_images": (1, None, True),
+    "images": (1, 256, True),
     "tolerance": (0, None, False),
 }

@@ -121,6 +121,12 @@ class WandbRun:
 
         self.run.log({key: wandb.Image(image.cpu().numpy(), caption=caption), "step": step, "epoch": epoch})
 
+    def log_png(self, key: str, path: Path, caption: str) -> None:
+        """A PNG file (e.g. an explanation grid) as W&B media under ``key``."""
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path), caption=caption)})
+
     def log_embeddings(self, key: str, features: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
                        step: int, epoch: float) -> None:
         """Features [N, d] with their labels [N] as a table (W&B's embedding projector reads the list column)."""
