@@ -66,3 +66,28 @@ def assert_user_error(result: subprocess.CompletedProcess, fragment: str, status
     lines = result.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def assert_user_error_here(capsys, main, argv: list[str], fragment: str) -> None:
+    """The bad-input contract in this process: ``run_cli(main, argv)``, as ``python <entrypoint>`` runs it, exits
+    with status 2 and one `error:` line naming the problem (no interpreter start-up per case)."""
+    from engine.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2, err
+    assert err and err[-1].startswith("error: ") and fragment in err[-1], err
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, pretrained_run) -> Path:
+    """A linear evaluation (eval.explain=true) of the shared tiny pretraining run: its directory holds classifier.pt
+    and gradcam.png (read it, do not change it)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    result = run_entry("finetune.py", f"checkpoint={pretrained_run}", "eval.mode=linear", "eval.explain=true",
+                       "data.name=synthetic", "device=cpu", "data.val_size=200", "probe.epochs=5",
+                       "probe.wd_grid=[0.0]", "wandb.mode=disabled", f"run.dir={root}", "run.name=lin")
+    assert result.returncode == 0, result.stderr
+    assert "explained: gradcam of resnet18 (lin) on 16 test images" in result.stdout
+    return root / "lin"

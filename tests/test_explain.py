@@ -2,15 +2,15 @@
 as distributions over patches; explain.py and finetune.py eval.explain write the grid; misuse is refused."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import explain as explain_entry
 import finetune as finetune_entry
-from conftest import assert_user_error, run_entry
+from tests.conftest import assert_user_error, assert_user_error_here, run_entry
 from core.errors import UserError
 from engine.explain import attention_weights, cls_attention, fixed_images, grad_cam
 from engine.export import Deployable
@@ -117,40 +117,31 @@ def test_the_fixed_images_are_class_balanced_and_the_same_every_time():
     assert torch.equal(fixed_images(labels, 6), chosen)
 
 
-@pytest.fixture(scope="module")
-def linear_run(tmp_path_factory, pretrained_run) -> Path:
-    root = tmp_path_factory.mktemp("explain")
-    result = run_entry("finetune.py", f"checkpoint={pretrained_run}", "eval.mode=linear", "eval.explain=true",
-                       "data.name=synthetic", "device=cpu", "data.val_size=200", "probe.epochs=3",
-                       "probe.wd_grid=[0.0]", "wandb.mode=disabled", f"run.dir={root}", "run.name=lin")
-    assert result.returncode == 0, result.stderr
-    assert "explained: gradcam of resnet18 (lin) on 16 test images" in result.stdout
-    return root / "lin"
-
-
-def test_finetune_explain_and_explain_py_write_the_grid(linear_run, tmp_path):
-    png = linear_run / "gradcam.png"
+def test_finetune_explain_and_explain_py_write_the_grid(evaluated_run, tmp_path, capsys):
+    png = evaluated_run / "gradcam.png"  # written by finetune.py eval.explain=true (the fixture)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     out = tmp_path / "again.png"
-    result = run_entry("explain.py", f"checkpoint={linear_run}", "data.name=synthetic", "device=cpu",
-                       "wandb.mode=disabled", f"out={out}", "images=8")
-    assert result.returncode == 0, result.stderr
-    assert "explained: gradcam of resnet18 (lin) on 8 test images" in result.stdout and out.stat().st_size > 10_000
+    shown = explain_entry.main([f"checkpoint={evaluated_run}", "data.name=synthetic", "device=cpu",
+                                "wandb.mode=disabled", f"out={out}", "images=8"])
+    assert "explained: gradcam of resnet18 (lin) on 8 test images" in capsys.readouterr().out
+    assert out.stat().st_size > 10_000 and len(shown["predicted"]) == 8 and shown["method"] == "gradcam"
 
 
-def test_explain_misuse_is_refused_and_nothing_is_overwritten(linear_run, pretrained_run, tmp_path):
-    before = (linear_run / "gradcam.png").read_bytes()
+def test_explain_misuse_is_refused_and_nothing_is_overwritten(evaluated_run, pretrained_run, tmp_path, capsys):
+    before = (evaluated_run / "gradcam.png").read_bytes()
     base = ["data.name=synthetic", "device=cpu", "wandb.mode=disabled"]
+    # through the real command line once: exit status 2 and the error line
+    assert_user_error(run_entry("explain.py", *base, f"checkpoint={evaluated_run}", "method=attention"),
+                      "method=attention does not apply to resnet18")
     cases = [
-        ([f"checkpoint={linear_run}", "method=attention"], "method=attention does not apply to resnet18"),
-        ([f"checkpoint={linear_run}"], "gradcam.png' already exists"),
+        ([f"checkpoint={evaluated_run}"], "gradcam.png' already exists"),
         ([f"checkpoint={pretrained_run}"], "holds no classifier.pt"),
         ([f"checkpoint={tmp_path / 'missing'}"], "holds no classifier.pt"),
-        ([f"checkpoint={linear_run}", "method=lime"], "method='lime' is not one of auto, gradcam, attention"),
+        ([f"checkpoint={evaluated_run}", "method=lime"], "method='lime' is not one of auto, gradcam, attention"),
     ]
     for args, fragment in cases:
-        assert_user_error(run_entry("explain.py", *base, *args), fragment)
-    assert (linear_run / "gradcam.png").read_bytes() == before
+        assert_user_error_here(capsys, explain_entry.main, [*base, *args], fragment)
+    assert (evaluated_run / "gradcam.png").read_bytes() == before
     with pytest.raises(UserError, match="eval.explain needs a trained head"):
         finetune_entry.main(["checkpoint=none", "model.arch=resnet18", "eval.mode=knn", "eval.explain=true",
                              *base, f"run.dir={tmp_path}"])

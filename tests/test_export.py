@@ -3,13 +3,13 @@ test images (checked here independently of export.py's own check), damage is det
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, run_entry
+import export as export_entry
+from tests.conftest import assert_user_error, assert_user_error_here, run_entry
 from engine.checkpoint import EncoderFile, read_classifier, read_trained
 from engine.export import build_deployable, load_export, max_relative_error, metadata, read_metadata, write_export
 from models import create_encoder
@@ -17,28 +17,17 @@ from models import create_encoder
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def evaluation_run(tmp_path_factory, pretrained_run) -> Path:
-    """A linear evaluation of the shared tiny pretraining run: its directory holds classifier.pt."""
-    root = tmp_path_factory.mktemp("linear")
-    result = run_entry("finetune.py", f"checkpoint={pretrained_run}", "eval.mode=linear", "data.name=synthetic",
-                       "device=cpu", "data.val_size=200", "probe.epochs=5", "probe.wd_grid=[0.0]", "wandb.mode=disabled",
-                       f"run.dir={root}", "run.name=lin")
-    assert result.returncode == 0, result.stderr
-    return root / "lin"
+def _args(run, fmt, out, archive, cache, *extra):
+    return [f"checkpoint={run}", f"format={fmt}", f"out={out}", "data.name=folder", f"data.root={archive}",
+            f"data.cache_dir={cache}", "check_images=300", *extra]
 
 
-def _export(run, fmt, out, archive, cache, *extra):
-    return run_entry("export.py", f"checkpoint={run}", f"format={fmt}", f"out={out}", "data.name=folder",
-                     f"data.root={archive}", f"data.cache_dir={cache}", "check_images=300", *extra)
-
-
-def test_classifier_pt_holds_the_evaluated_classifier(evaluation_run):
+def test_classifier_pt_holds_the_evaluated_classifier(evaluated_run):
     """The linear probe's standardization is folded into one head; the rebuilt model scores test as results.json."""
     from data import load_source
 
-    record = json.loads((evaluation_run / "results.json").read_text())
-    classifier = read_classifier(str(evaluation_run))
+    record = json.loads((evaluated_run / "results.json").read_text())
+    classifier = read_classifier(str(evaluated_run))
     assert classifier.classes == [f"class{i}" for i in range(10)] and classifier.encoder.arch == "resnet18"
     data = load_source("synthetic", "")
     with torch.no_grad():
@@ -49,12 +38,11 @@ def test_classifier_pt_holds_the_evaluated_classifier(evaluation_run):
 
 @pytest.mark.real_data
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx", "safetensors"])
-def test_exports_equal_the_eager_classifier_on_cifar10_test_images(fmt, evaluation_run, archive, decoded_cache,
-                                                                   tmp_path):
+def test_exports_equal_the_eager_classifier_on_cifar10_test_images(fmt, evaluated_run, archive, decoded_cache,
+                                                                   tmp_path, capsys):
     out = tmp_path / f"model.{fmt}"
-    result = _export(evaluation_run, fmt, out, archive, decoded_cache)
-    assert result.returncode == 0, result.stderr
-    assert "exported: classifier resnet18" in result.stdout and "max relative error" in result.stdout
+    export_entry.main(_args(evaluated_run, fmt, out, archive, decoded_cache))
+    assert "exported: classifier resnet18" in capsys.readouterr().out
     record = json.loads(out.with_name(out.name + ".json").read_text())
     assert record["kind"] == "classifier" and record["input"].startswith("uint8 [N, 3, 32, 32]")
     assert record["max_relative_error"] <= TOLERANCE and record["checked_images"] == 300
@@ -63,7 +51,7 @@ def test_exports_equal_the_eager_classifier_on_cifar10_test_images(fmt, evaluati
     from data import load_source
 
     images = load_source("folder", str(archive), cache_dir=str(decoded_cache)).test_images[:300]
-    encoder, classifier = read_trained(str(evaluation_run))
+    encoder, classifier = read_trained(str(evaluated_run))
     eager = build_deployable(encoder, classifier.head)
     if fmt == "torchscript":
         loaded = torch.jit.load(str(out))
@@ -87,22 +75,21 @@ def test_exports_equal_the_eager_classifier_on_cifar10_test_images(fmt, evaluati
 
 
 @pytest.mark.real_data
-def test_a_damaged_export_is_detected(evaluation_run, archive, decoded_cache, tmp_path):
+def test_a_damaged_export_is_detected(evaluated_run, archive, decoded_cache, tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    assert _export(evaluation_run, "onnx", out, archive, decoded_cache).returncode == 0
-    check = ("check_only=true",)
-    ok = _export(evaluation_run, "onnx", out, archive, decoded_cache, *check)
-    assert ok.returncode == 0 and "checked:" in ok.stdout, ok.stderr
+    args = _args(evaluated_run, "onnx", out, archive, decoded_cache)
+    export_entry.main(args)
+    export_entry.main([*args, "check_only=true"])
+    assert "checked:" in capsys.readouterr().out
     pristine = out.read_bytes()
     data = bytearray(pristine)
     data[len(data) // 2] ^= 0xFF  # any one byte: the recorded SHA-256 catches it
     out.write_bytes(bytes(data))
-    assert_user_error(_export(evaluation_run, "onnx", out, archive, decoded_cache, *check),
-                      "was changed or damaged since it was exported")
+    assert_user_error_here(capsys, export_entry.main, [*args, "check_only=true"],
+                           "was changed or damaged since it was exported")
     out.with_name(out.name + ".json").unlink()  # without the record, the outputs give away damaged weights
     out.write_bytes(_with_damaged_weights(pristine))
-    assert_user_error(_export(evaluation_run, "onnx", out, archive, decoded_cache, *check),
-                      "differs from the eager model")
+    assert_user_error_here(capsys, export_entry.main, [*args, "check_only=true"], "differs from the eager model")
 
 
 def _with_damaged_weights(onnx_bytes: bytes) -> bytes:
@@ -120,7 +107,7 @@ def _with_damaged_weights(onnx_bytes: bytes) -> bytes:
 
 
 def test_an_export_beyond_the_tolerance_is_not_written(pretrained_run, tmp_path):
-    out = tmp_path / "enc.onnx"
+    out = tmp_path / "enc.onnx"  # through the real command line once: the exit status and the error line
     result = run_entry("export.py", f"checkpoint={pretrained_run}", "format=onnx", f"out={out}", "data.name=synthetic",
                        "tolerance=1e-15", "check_images=64")
     assert_user_error(result, "differs from the eager model by")
@@ -139,10 +126,10 @@ def test_vit_encoder_exports_with_a_dynamic_batch(tmp_path):
         assert max_relative_error(load_export(path, fmt), model, images, batch_sizes=(1, 5)) <= TOLERANCE
 
 
-def test_bad_export_requests_are_refused_and_nothing_is_overwritten(pretrained_run, evaluation_run, tmp_path):
+def test_bad_export_requests_are_refused_and_nothing_is_overwritten(evaluated_run, tmp_path, capsys):
     existing = tmp_path / "taken.onnx"
     existing.write_text("keep me")
-    base = [f"checkpoint={evaluation_run}", "data.name=synthetic"]
+    base = [f"checkpoint={evaluated_run}", "data.name=synthetic"]
     cases = [
         ([*base, "format=tflite", f"out={tmp_path / 'a'}"], "format='tflite' is not one of torchscript, onnx"),
         ([*base, "format=onnx", f"out={existing}"], "already exists; choose another path"),
@@ -152,6 +139,6 @@ def test_bad_export_requests_are_refused_and_nothing_is_overwritten(pretrained_r
         ([*base, "format=onnx", f"out={tmp_path / 'no' / 'dir.onnx'}"], "does not exist"),
     ]
     for args, fragment in cases:
-        assert_user_error(run_entry("export.py", *args), fragment)
+        assert_user_error_here(capsys, export_entry.main, args, fragment)
     assert existing.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]

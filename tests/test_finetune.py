@@ -10,8 +10,7 @@ import torch
 
 import finetune as finetune_entry
 from engine.checkpoint import sha256_of
-from engine.cli import run_cli
-from tests.conftest import assert_user_error, read_jsonl, run_entry, tiny_run_args
+from tests.conftest import assert_user_error, assert_user_error_here, read_jsonl, run_entry, tiny_run_args
 
 RESULT_KEYS = {"test/top1", "test/top5", "val/top1", "test/per_class", "test/confusion", "data/train_images", "mode",
                "label_fraction", "checkpoint", "checkpoint_sha256", "git_sha", "config"}
@@ -43,11 +42,7 @@ def finetune_here(run_dir, *extra):
 
 def user_error_here(capsys, argv, fragment):
     """``run_cli(main, argv)`` as ``python finetune.py`` runs it: exit status 2 and one `error:` line."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(finetune_entry.main, argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("error: ") and fragment in err[-1], err
+    assert_user_error_here(capsys, finetune_entry.main, argv, fragment)
 
 
 @pytest.mark.parametrize("mode, checkpoint", [("linear", "."), ("knn", "encoder.pt"),

@@ -10,7 +10,7 @@ import yaml
 from configs.help import describe, help_text
 from configs.load import config_keys, load_config
 from configs.schema import FinetuneConfig, PretrainConfig
-from conftest import assert_user_error, run_entry
+from tests.conftest import assert_user_error, run_entry
 from core.errors import Answered, UserError
 
 LISTED_KEY = re.compile(r"^  ([a-z_][a-z_.0-9]*)=", re.MULTILINE)
