@@ -64,9 +64,10 @@ def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *,
 def nt_xent_fused(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = False) -> torch.Tensor:
     """Same value and gradients as :func:`nt_xent_reference`, in O(n d + block x 2nW) memory.
 
-    The similarity matrix is walked in row blocks: forward keeps each anchor's log-sum-exp, backward recomputes
-    each block. Forward is one Triton kernel (similarity + online log-sum-exp) for fp32 CUDA inputs when triton
-    imports, blocked PyTorch otherwise; backward is blocked PyTorch. No Python loop per row.
+    The similarity matrix is walked in blocks: forward keeps each anchor's log-sum-exp, backward recomputes each
+    block's softmax from it. For fp32 CUDA inputs when triton imports, forward is one Triton kernel (similarity +
+    online log-sum-exp) and backward two (P C per anchor, P^T A per candidate; ``losses/triton_nt_xent.py``);
+    otherwise both are blocked PyTorch. No Python loop per row.
     """
     n = z1.shape[0]
     anchors = _unit_rows(z1, z2)
@@ -100,16 +101,30 @@ class _BlockedNTXent(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         anchors, candidates, lse, positives = ctx.saved_tensors
         scale = grad_out / (anchors.shape[0] * ctx.temperature)  # d mean / d logits, times d logits / d similarity
-        grad_anchors, grad_candidates = torch.empty_like(anchors), torch.zeros_like(candidates)
-        for rows, logits in _logit_blocks(anchors, candidates, ctx.offset, ctx.temperature):
-            probs = logits.sub_(lse[rows, None]).exp_()  # softmax over candidates; the masked self entry is 0
-            probs[torch.arange(probs.shape[0], device=probs.device), positives[rows]] -= 1.0
-            probs.mul_(scale)
-            grad_anchors[rows] = probs @ candidates
-            grad_candidates.addmm_(probs.T, anchors[rows])
+        if triton_nt_xent.available(anchors):  # two Triton kernels: P C and P^T A, P recomputed from lse
+            per_anchor, per_candidate = triton_nt_xent.softmax_products(anchors, candidates, lse, ctx.offset,
+                                                                        ctx.temperature)
+            grad_anchors = (per_anchor - candidates[positives]) * scale  # (P - Y) C
+            grad_candidates = per_candidate.index_add_(0, positives, anchors, alpha=-1.0) * scale  # (P - Y)^T A
+        else:
+            grad_anchors, grad_candidates = _blocked_gradients(anchors, candidates, lse, positives, ctx.offset,
+                                                               ctx.temperature, scale)
         if ctx.shared:  # anchors were also the candidates: both roles' gradients reach the same rows
             return grad_anchors + grad_candidates, None, None, None
         return grad_anchors, grad_candidates, None, None
+
+
+def _blocked_gradients(anchors: torch.Tensor, candidates: torch.Tensor, lse: torch.Tensor, positives: torch.Tensor,
+                       offset: int, temperature: float, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients (P - Y) C x scale and (P - Y)^T A x scale in blocked PyTorch (CPU, fp64, no triton)."""
+    grad_anchors, grad_candidates = torch.empty_like(anchors), torch.zeros_like(candidates)
+    for rows, logits in _logit_blocks(anchors, candidates, offset, temperature):
+        probs = logits.sub_(lse[rows, None]).exp_()  # softmax over candidates; the masked self entry is 0
+        probs[torch.arange(probs.shape[0], device=probs.device), positives[rows]] -= 1.0
+        probs.mul_(scale)
+        grad_anchors[rows] = probs @ candidates
+        grad_candidates.addmm_(probs.T, anchors[rows])
+    return grad_anchors, grad_candidates
 
 
 def _logit_blocks(anchors: torch.Tensor, candidates: torch.Tensor, offset: int, temperature: float):

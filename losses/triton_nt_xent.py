@@ -1,9 +1,13 @@
-"""Triton kernel for NT-Xent's forward pass: similarities and an online log-sum-exp, fused, one pass over the
-candidates per block of anchors; the [2n, 2nW] similarity matrix never exists in memory.
+"""Triton kernels for NT-Xent: the [2n, 2nW] similarity matrix never exists in memory, forward or backward.
 
-Used by ``losses.nt_xent(impl="fused")`` for fp32 CUDA tensors when triton imports; the backward pass recomputes
-similarities block by block (``losses.nt_xent``). ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors,
-which is how the tests check it on machines without a GPU.
+Forward (:func:`row_logsumexp`): similarities and an online log-sum-exp, fused, one pass over the candidates per
+block of anchors. Backward (:func:`softmax_products`), as FlashAttention does it: the softmax P_ij = exp(a_i . c_j / T
+- lse_i) is recomputed block by block from the saved log-sum-exp, and multiplied at once into P C (per anchor, one
+program per block of anchor rows) and P^T A (per candidate, one program per block of candidate rows), so neither
+kernel writes to memory another program writes (no atomics; the result does not depend on scheduling).
+
+Used by ``losses.nt_xent(impl="fused")`` for fp32 CUDA tensors when triton imports. ``TRITON_INTERPRET=1`` runs the
+same kernels on CPU tensors, which is how the tests check them on machines without a GPU.
 """
 from __future__ import annotations
 
@@ -53,6 +57,85 @@ if triton is not None:
                                                                                  axis=1)
             running_max = new_max
         tl.store(out + rows, running_max + tl.log(running_sum), mask=row_ok)
+
+
+if triton is not None:
+    @triton.jit
+    def _softmax_block(anchors, candidates, lse, rows, row_ok, cols, col_ok, dim, offset, inv_temperature,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """P [BLOCK_M, BLOCK_N] = exp(a_i . c_j / T - lse_i) for these anchor rows and candidate columns; 0 on an
+        anchor's own column and on padding rows and columns."""
+        sims = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start_d in range(0, dim, BLOCK_D):
+            ds = start_d + tl.arange(0, BLOCK_D)
+            d_ok = ds < dim
+            a = tl.load(anchors + rows[:, None] * dim + ds[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            c = tl.load(candidates + cols[:, None] * dim + ds[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            sims += tl.dot(a, tl.trans(c), input_precision="ieee")  # no TF32: exact to fp32 rounding
+        row_lse = tl.load(lse + rows, mask=row_ok, other=0.0)
+        probs = tl.exp(sims * inv_temperature - row_lse[:, None])
+        excluded = (cols[None, :] == rows[:, None] + offset) | ~row_ok[:, None] | ~col_ok[None, :]
+        return tl.where(excluded, 0.0, probs)
+
+    @triton.jit
+    def _softmax_times_candidates_kernel(anchors, candidates, lse, out, m, total, dim, offset, inv_temperature,
+                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                         BLOCK_OUT: tl.constexpr):
+        """out[i, d] = sum_j P_ij c_j[d] for a block of anchor rows and a block of output dimensions."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < m
+        outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        out_ok = outs < dim
+        acc = tl.zeros([BLOCK_M, BLOCK_OUT], tl.float32)
+        for start_n in range(0, total, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < total
+            probs = _softmax_block(anchors, candidates, lse, rows, row_ok, cols, col_ok, dim, offset, inv_temperature,
+                                   BLOCK_M, BLOCK_N, BLOCK_D)
+            values = tl.load(candidates + cols[:, None] * dim + outs[None, :], mask=col_ok[:, None] & out_ok[None, :],
+                             other=0.0)
+            acc += tl.dot(probs, values, input_precision="ieee")
+        tl.store(out + rows[:, None] * dim + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
+
+    @triton.jit
+    def _softmax_t_times_anchors_kernel(anchors, candidates, lse, out, m, total, dim, offset, inv_temperature,
+                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                        BLOCK_OUT: tl.constexpr):
+        """out[j, d] = sum_i P_ij a_i[d] for a block of candidate rows and a block of output dimensions."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < total
+        outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        out_ok = outs < dim
+        acc = tl.zeros([BLOCK_N, BLOCK_OUT], tl.float32)
+        for start_m in range(0, m, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < m
+            probs = _softmax_block(anchors, candidates, lse, rows, row_ok, cols, col_ok, dim, offset, inv_temperature,
+                                   BLOCK_M, BLOCK_N, BLOCK_D)
+            values = tl.load(anchors + rows[:, None] * dim + outs[None, :], mask=row_ok[:, None] & out_ok[None, :],
+                             other=0.0)
+            acc += tl.dot(tl.trans(probs), values, input_precision="ieee")
+        tl.store(out + cols[:, None] * dim + outs[None, :], acc, mask=col_ok[:, None] & out_ok[None, :])
+
+
+def softmax_products(anchors: torch.Tensor, candidates: torch.Tensor, lse: torch.Tensor, offset: int,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P C [m, d], P^T A [M, d]) with P_ij = exp(anchors[i] . candidates[j] / T - lse[i]) for j != offset + i (0 on
+    each anchor's own column): the two products NT-Xent's gradient is made of. anchors [m, d], candidates [M, d],
+    lse [m], all fp32 and on one device; P is recomputed in blocks, never stored."""
+    anchors, candidates, lse = anchors.contiguous(), candidates.contiguous(), lse.contiguous()
+    (m, dim), total = anchors.shape, candidates.shape[0]
+    block_out = max(16, min(128, triton.next_power_of_2(dim)))  # output columns per program (registers)
+    out_blocks = triton.cdiv(dim, block_out)
+    per_anchor, per_candidate = torch.empty_like(anchors), torch.empty_like(candidates)
+    scalars = (m, total, dim, offset, 1.0 / temperature)
+    meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_OUT=block_out)
+    _softmax_times_candidates_kernel[(triton.cdiv(m, 64), out_blocks)](anchors, candidates, lse, per_anchor,
+                                                                        *scalars, **meta)
+    _softmax_t_times_anchors_kernel[(triton.cdiv(total, 64), out_blocks)](anchors, candidates, lse, per_candidate,
+                                                                           *scalars, **meta)
+    return per_anchor, per_candidate
 
 
 def row_logsumexp(anchors: torch.Tensor, candidates: torch.Tensor, offset: int, temperature: float

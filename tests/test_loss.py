@@ -125,17 +125,21 @@ def run_triton_check(device, interpret):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_triton_forward_kernel_in_the_interpreter():
-    """The Triton kernel's logic, run by Triton's CPU interpreter: fused (Triton forward) == reference in fp32."""
-    worst = run_triton_check("cpu", interpret=True)
-    assert worst["used_triton"] and worst["value"] < 1e-5 and worst["grad"] < 1e-5, worst
+def _assert_triton_matches(worst: dict) -> None:
+    assert worst["used_triton"] and worst["backward_calls"] == 6, worst  # 5 sizes + the gathered form, all Triton
+    assert worst["value"] < 1e-5 and worst["grad"] < 1e-5 and worst["gathered_grad"] < 1e-5, worst
+
+
+def test_triton_kernels_in_the_interpreter():
+    """The Triton kernels' logic, run by Triton's CPU interpreter: fused (Triton forward and backward) == reference
+    in fp32, odd and even sizes, temperatures 0.05-1, and the gathered form with an offset."""
+    _assert_triton_matches(run_triton_check("cpu", interpret=True))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_forward_kernel_on_the_gpu():
-    worst = run_triton_check("cuda", interpret=False)
-    assert worst["used_triton"] and worst["value"] < 1e-5 and worst["grad"] < 1e-5, worst
+def test_triton_kernels_on_the_gpu():
+    _assert_triton_matches(run_triton_check("cuda", interpret=False))
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
