@@ -12,8 +12,16 @@ embeddings), the optimizer step. The baseline is the common public pipeline: tor
 (two views) in DataLoader workers, pinned host batches copied to the device, then the same model, step and optimizer.
 Device time comes from CUDA events after warm-up and compilation (wall clock on CPU).
 
-Prints JSON lines {"what", "shape", "device", "figure", "unit", ...settings}; "step/speedup_vs_dataloader" is
-ours over the baseline, both measured in this run.
+MFU: the model FLOPs of one training view (forward + backward, counted by ``torch.utils.flop_counter`` on the eager
+model, not written by hand) x views/s over the device's peak dense rate for the precision (bf16; TF32 for fp32 on
+CUDA, since cuDNN runs fp32 convolutions in TF32): the vendor's data-sheet figure for known GPUs, else the rate of a
+large matmul measured in this run (always so on CPU), named in ``peak_source``.
+
+Peer baselines (``--peers``, bench/peers.py): lightly's and dkobak's actual pipelines (their transforms, collate,
+DataLoader workers and loss) feeding the same model; skipped with the reason when a package is missing.
+
+Prints JSON lines {"what", "shape", "device", "figure", "unit", ...settings}; "step/speedup_vs_dataloader" and
+"step/speedup_vs_<peer>" are ours over the baseline, both measured in this run.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from augment import SimCLRAugment  # noqa: E402
+from bench import peers  # noqa: E402
 from bench.augment import pil_pipeline  # noqa: E402
 from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
@@ -38,6 +47,10 @@ from losses import nt_xent  # noqa: E402
 from pretrain import StepContext, build_model, forward_backward, train_step  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Dense tensor-core peaks, TFLOP/s, from NVIDIA's data sheets (no sparsity); fp32 = TF32 (cuDNN's default for
+# convolutions). Matched against torch.cuda.get_device_name(); "H100 PCIe" before "H100".
+PEAK_TFLOPS = (("H100 PCIe", {"bf16": 756.0, "fp32": 378.0}), ("H100", {"bf16": 989.4, "fp32": 494.7}),
+               ("H200", {"bf16": 989.4, "fp32": 494.7}), ("A100", {"bf16": 312.0, "fp32": 156.0}))
 
 
 class Timer:
@@ -126,6 +139,31 @@ class Setup:
                 "optimizer": seconds_per_call(self.optimizer.step, self.device, warmup, steps)}
 
 
+def flops_per_view(setup: "Setup") -> float:
+    """Model FLOPs of one training view: matmuls and convolutions of forward + backward on the eager model, counted
+    by torch.utils.flop_counter over one step of 2 x batch views."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    view1, view2 = setup.views()
+    eager = StepContext(setup.model, setup.optimizer, setup.augment, setup.device, setup.dtype)
+    with FlopCounterMode(display=False) as counter:
+        forward_backward(eager, view1, view2)
+    setup.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / (2 * setup.batch)
+
+
+def peak_flops(device: torch.device, precision: str, device_name: str) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for MFU: the data sheet for known GPUs, else a measured matmul."""
+    if device.type == "cuda":
+        for name, peaks in PEAK_TFLOPS:
+            if name in device_name:
+                return peaks[precision] * 1e12, f"data sheet ({name}, dense {precision})"
+    size = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=PRECISIONS[precision]) for _ in range(2))
+    seconds = seconds_per_call(lambda: a @ b, device, warmup=2, steps=5)
+    return 2 * size ** 3 / seconds, f"measured {size}x{size} {precision} matmul"
+
+
 class TwoViewsPerImage(torch.utils.data.Dataset):
     """The baseline's dataset: HWC uint8 images (as torchvision's CIFAR10 holds them), two PIL-pipeline views."""
 
@@ -168,9 +206,26 @@ def baseline_seconds(setup: Setup, images_hwc: np.ndarray, workers: int, warmup:
     return (time.perf_counter() - start) / steps
 
 
-def emit(what: str, figure: float, unit: str, shape: list, device: str, **settings) -> None:
-    print(json.dumps({"what": what, "shape": shape, "device": device, "figure": round(figure, 3), "unit": unit,
-                      **settings}), flush=True)
+def time_peer(peer: str, setup: "Setup", images_hwc: np.ndarray, args: argparse.Namespace, ours: float, shape: list,
+              device_name: str, settings: dict) -> None:
+    """One peer's pipeline on this setting's model (fp32, eager, as their scripts run) and our ratio to it."""
+    try:
+        loader, loss_fn = peers.pipeline(peer, images_hwc, setup.batch, args.peer_workers)
+    except ImportError as err:
+        emit(f"step/peer_{peer}", None, "views/s", shape, device_name, skipped=f"{err.name or err} not installed",
+             **settings)
+        return
+    encoder, head = setup.model.encoder, setup.model.head
+    seconds = peers.peer_seconds(encoder, head, setup.device, loader, loss_fn, args.warmup, args.steps)
+    workers = loader.num_workers
+    emit(f"step/peer_{peer}", 2 * setup.batch / seconds, "views/s", shape, device_name, ms=1000 * seconds,
+         workers=workers, peer_precision="fp32", peer_compile="off", **settings)
+    emit(f"step/speedup_vs_{peer}", seconds / ours, "x", shape, device_name, **settings)
+
+
+def emit(what: str, figure: float | None, unit: str, shape: list, device: str, **settings) -> None:
+    print(json.dumps({"what": what, "shape": shape, "device": device,
+                      "figure": None if figure is None else round(figure, 3), "unit": unit, **settings}), flush=True)
 
 
 def main() -> None:
@@ -187,12 +242,17 @@ def main() -> None:
                         help="baseline DataLoader workers (default: the CPU count, at most 16)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the DataLoader baseline")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
+    parser.add_argument("--peers", nargs="*", choices=peers.PEERS, default=list(peers.PEERS),
+                        help="peer pipelines to time (default: both; none: --peers with no names)")
+    parser.add_argument("--peer-workers", type=int, default=None,
+                        help="DataLoader workers of the peers (default: theirs, lightly 8, dkobak 16)")
     parser.add_argument("--quick", action="store_true",
-                        help="small run: resnet18 width 8, batch 32, fp32, eager, 2 + 5 steps, 2 workers")
+                        help="small run: resnet18 width 8, batch 32, fp32, eager, 2 + 5 steps, 2 workers (peers: 0)")
     args = parser.parse_args()
     if args.quick:
         args.archs, args.batches, args.precisions, args.compile = ["resnet18"], [32], ["fp32"], ["off"]
         args.width, args.warmup, args.steps, args.workers = args.width or 8, 2, 5, min(args.workers, 2)
+        args.peer_workers = 0 if args.peer_workers is None else args.peer_workers  # no worker start-up
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -213,6 +273,11 @@ def main() -> None:
                     setup = Setup(args, arch, batch, precision, compile_ == "on", images)
                     ours = seconds_per_call(setup.step, device, args.warmup, args.steps)
                     emit("step/ours", 2 * batch / ours, "views/s", shape, device_name, ms=1000 * ours, **settings)
+                    flops = flops_per_view(setup)
+                    peak, source = peak_flops(device, precision, device_name)
+                    emit("step/model_gflop_per_view", flops / 1e9, "GFLOP", shape, device_name, **settings)
+                    emit("step/mfu", 100 * flops * 2 * batch / ours / peak, "%", shape, device_name,
+                         peak_tflops=float(f"{peak / 1e12:.4g}"), peak_source=source, **settings)
                     if not args.no_stages:
                         for stage, seconds in setup.stage_seconds(args.warmup, args.steps).items():
                             emit(f"stage/{stage}", 2 * batch / seconds, "views/s", shape, device_name,
@@ -222,6 +287,8 @@ def main() -> None:
                         emit("step/dataloader_baseline", 2 * batch / base, "views/s", shape, device_name,
                              ms=1000 * base, workers=args.workers, **settings)
                         emit("step/speedup_vs_dataloader", base / ours, "x", shape, device_name, **settings)
+                    for peer in args.peers:
+                        time_peer(peer, setup, images_hwc, args, ours, shape, device_name, settings)
                     del setup
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
