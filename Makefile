@@ -25,7 +25,8 @@ test: $(STAMP)
 # What the device tool carries to a GPU machine (README "GPU results"): wheels its image lacks, and the data archive.
 gpu-carry: $(STAMP)
 	mkdir -p .whl .gpu
-	$(PY) -m pip wheel -q --no-deps -w .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 airbench==0.1.8
+	$(PY) -m pip wheel -q --no-deps -w .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 airbench==0.1.8 \
+		lightly pytorch-lightning lightning-utilities torchmetrics hydra-core
 	cp ../shared/data/cifar10-jpeg.tar.xz .gpu/
 
 clean-venv:

@@ -82,3 +82,17 @@ def test_gpu_accuracy_script_tiny_run_on_cpu(archive, decoded_cache, tmp_path):
     assert cost["what"] == "data_cost/skipped" and "CUDA" in cost["reason"] and cost["shape"] == [10000, 3, 32, 32]
     assert {p.name for p in out.iterdir()} >= {"accuracy.jsonl", "data_cost.jsonl", "kobak-e100_metrics.jsonl",
                                                "lightly-e200_metrics.jsonl", "log.txt"}
+
+
+def test_gpu_speed_script_tiny_run_on_cpu(tmp_path):
+    """bench/gpu_speed.sh's plumbing with CPU-sized stages: every stage runs and leaves its JSON lines."""
+    result = subprocess.run(["bench/gpu_speed.sh", str(tmp_path), "--tiny"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"tests", "step", "loss", "pretrain"}
+    assert all(r["status"] == 0 for r in rows), [r for r in rows if r["status"]]
+    whats = {r["what"] for r in rows}
+    assert {"step/ours", "step/mfu", "loss/fused/time", "loss/reference/time", "pretrain/views_per_s"} <= whats
+    assert next(r for r in rows if r["what"] == "pretrain/views_per_s")["figure"] > 0
+    assert (tmp_path / "step.log").is_file() and (tmp_path / "pretrain.log").is_file()
