@@ -145,3 +145,12 @@ def test_explain_misuse_is_refused_and_nothing_is_overwritten(evaluated_run, pre
     with pytest.raises(UserError, match="eval.explain needs a trained head"):
         finetune_entry.main(["checkpoint=none", "model.arch=resnet18", "eval.mode=knn", "eval.explain=true",
                              *base, f"run.dir={tmp_path}"])
+
+
+def test_each_architecture_gets_its_own_method():
+    assert explain_entry.check_method("auto", "vit_small") == "attention"
+    assert explain_entry.check_method("auto", "resnet50") == "gradcam"
+    with pytest.raises(UserError, match="method=gradcam does not apply to vit_tiny: use method=attention"):
+        explain_entry.check_method("gradcam", "vit_tiny")
+    with pytest.raises(UserError, match="method=attention does not apply to resnet18: use method=gradcam"):
+        explain_entry.check_method("attention", "resnet18")
