@@ -64,7 +64,8 @@ def cls_attention(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
             logits = model(images)
     finally:
         handle.remove()
-    weights = attention_weights(attention, captured["x"])  # [B, heads, N, N]
+    with torch.no_grad():
+        weights = attention_weights(attention, captured["x"])  # [B, heads, N, N]
     to_patches = weights[:, :, 0, model.encoder.num_prefix_tokens:].mean(1)  # [B, P]
     side = int(round(to_patches.shape[1] ** 0.5))
     grid = to_patches.reshape(-1, 1, side, side)
@@ -119,7 +120,8 @@ def save_explanation_grid(images: torch.Tensor, maps: torch.Tensor, predicted: S
                           classes: Sequence[str], path: Path, title: str, per_row: int = 4) -> None:
     """A PNG of (image, heat map, overlay) triplets with the predicted and true class, written atomically.
 
-    images: uint8 [B, 3, H, W]; maps: [B, H, W] (any scale: each is shown from 0 to its maximum)."""
+    images: uint8 [B, 3, H, W]; maps: [B, H, W] (any scale: each is stretched from its minimum to its maximum, so a
+    near-uniform map still shows where it is higher; the title says so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,7 +133,8 @@ def save_explanation_grid(images: torch.Tensor, maps: torch.Tensor, predicted: S
         ax.axis("off")
     for i in range(len(images)):
         picture = images[i].permute(1, 2, 0).cpu().numpy()
-        heat = (maps[i] / maps[i].max().clamp_min(1e-30)).cpu().numpy()
+        low, high = maps[i].min(), maps[i].max()
+        heat = ((maps[i] - low) / (high - low).clamp_min(1e-30)).detach().cpu().numpy()
         cells = axes[i // per_row, 3 * (i % per_row):3 * (i % per_row) + 3]
         cells[0].imshow(picture, interpolation="nearest")
         cells[1].imshow(heat, cmap="jet", vmin=0, vmax=1)
@@ -141,7 +144,7 @@ def save_explanation_grid(images: torch.Tensor, maps: torch.Tensor, predicted: S
         cells[0].set_title(f"true {classes[true[i]]}", fontsize=7)
         cells[1].set_title(f"pred {classes[predicted[i]]}{mark}", fontsize=7,
                            color="black" if not mark else "firebrick")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{title} (each map stretched from its minimum to its maximum)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fig.savefig(tmp, format="png", dpi=110)

@@ -95,6 +95,7 @@ def test_vit_attention_maps_are_the_blocks_attention_as_distributions_over_patch
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     maps, logits = cls_attention(model, images)
     assert maps.shape == (3, 32, 32) and logits.shape == (3, 10) and bool((maps >= 0).all())
+    assert not maps.requires_grad and not logits.requires_grad  # plain values, ready to draw
     torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(3))
     # the recomputed weights reproduce the block's attention output (timm uses a fused kernel that hides them)
     attention, seen = encoder.blocks[-1].attn, {}
