@@ -128,14 +128,12 @@ def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path):
         assert torch.equal(value, killed["model"][key]), key
 
 
-def test_finetune_under_torchrun(tmp_path):
-    pretrain = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
-    assert pretrain.returncode == 0, pretrain.stderr
+def test_finetune_under_torchrun(tmp_path, pretrained_run):
     common = ["data.name=synthetic", "device=cpu", "data.val_size=500", "probe.epochs=3", "train.epochs=1",
-              "train.batch_size=100", "eval.knn_k=20", "wandb.mode=disabled", f"checkpoint={tmp_path / 'tiny'}"]
+              "train.batch_size=100", "eval.knn_k=20", "wandb.mode=disabled", f"checkpoint={pretrained_run}"]
     records = {}
     for mode in ("knn", "linear", "finetune"):
-        for procs in (1, 2):
+        for procs in (1, 2) if mode != "finetune" else (2,):  # fine-tuning's 1-process run is tested elsewhere
             args = [*common, f"eval.mode={mode}", f"run.dir={tmp_path / f'{mode}{procs}'}", "run.name=eval"]
             result = torchrun(str(REPO / "finetune.py"), *args, nproc=procs)
             assert result.returncode == 0, result.stderr[-3000:]

@@ -60,12 +60,17 @@ def test_help_for_one_section(capsys):
         load_config(["--help", "optimizer"], PretrainConfig)
 
 
-def test_print_config_resolves_file_and_overrides_and_runs_nothing(tmp_path):
+def test_print_config_resolves_file_and_overrides_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    import pretrain as pretrain_entry
+    from engine.cli import run_cli
+
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  epochs: 7\n")
-    result = run_entry("pretrain.py", "--config", str(recipe), "optim.base_lr=0.3", "--print-config", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    printed = yaml.safe_load(result.stdout)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:  # as `python pretrain.py ...` ends: run_cli prints, exits 0
+        run_cli(pretrain_entry.main, ["--config", str(recipe), "optim.base_lr=0.3", "--print-config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 7 and printed["optim"]["base_lr"] == 0.3
     assert printed["model"]["arch"] == "resnet18"  # defaults filled in
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # no run directory, no data read
