@@ -34,8 +34,7 @@ def stages(args: argparse.Namespace, runs: Path) -> list[tuple[str, list[str], i
     if args.tiny:
         return [
             ("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_loss.py", "-p", "no:cacheprovider"], 120),
-            ("step", [py, "bench/step.py", "--device", "cpu", "--quick", "--steps", "1", "--warmup", "1", "--no-stages",
-                      "--no-baseline", "--peers"], 300),
+            ("step", [py, "bench/step.py", "--device", "cpu", "--quick", "--steps", "2", "--warmup", "1"], 300),
             ("loss", [py, "bench/loss.py", "--device", "cpu", "--views", "256", "--repeats", "1"], 120),
             ("pretrain", [py, "pretrain.py", "data.name=synthetic", "device=cpu", "model.width=4",
                           "data.train_limit=600", "data.val_size=100", "train.batch_size=100", "train.epochs=2",

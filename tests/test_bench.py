@@ -11,37 +11,6 @@ import pytest
 from tests.conftest import REPO
 
 
-def test_step_benchmark_quick_cpu_run_prints_mfu_and_the_ratios_to_the_baselines():
-    out = subprocess.run([sys.executable, "bench/step.py", "--device", "cpu", "--quick", "--steps", "2",
-                          "--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
-    whats = [r["what"] for r in rows]
-    assert whats == ["step/ours", "step/model_gflop_per_view", "step/mfu", "stage/augment", "stage/forward_backward",
-                     "stage/loss", "stage/optimizer", "step/dataloader_baseline", "step/speedup_vs_dataloader",
-                     "step/peer_lightly", "step/speedup_vs_lightly", "step/peer_dkobak", "step/speedup_vs_dkobak"] \
-        or (importlib.util.find_spec("lightly") is None and "step/speedup_vs_lightly" not in whats)
-    by_what = {r["what"]: r for r in rows}
-    assert all(r["shape"] == [32, 3, 32, 32] and r["device"].startswith("cpu") for r in rows)
-    assert all(r["figure"] > 0 for r in rows if "skipped" not in r)
-    ours, base = by_what["step/ours"]["ms"], by_what["step/dataloader_baseline"]["ms"]
-    assert abs(by_what["step/speedup_vs_dataloader"]["figure"] - base / ours) < 1e-2 * base / ours + 1e-3
-    # FLOPs counted by torch.utils.flop_counter: ResNet-18 at width 8 is 1/64 of width 64's ~3.3 GFLOP per view
-    assert 0.045 < by_what["step/model_gflop_per_view"]["figure"] < 0.06
-    mfu = by_what["step/mfu"]
-    assert mfu["peak_source"].startswith("measured") and mfu["peak_tflops"] > 0
-    expected = 100 * by_what["step/model_gflop_per_view"]["figure"] * 1e9 * by_what["step/ours"]["figure"] / (
-        mfu["peak_tflops"] * 1e12)
-    assert abs(mfu["figure"] - expected) < 0.05 * expected + 0.01
-    for peer in ("lightly", "dkobak"):
-        row = by_what[f"step/peer_{peer}"]
-        if "skipped" in row:  # only when the package is missing, and then it says so
-            assert peer == "lightly" and importlib.util.find_spec("lightly") is None and "not installed" in row["skipped"]
-            continue
-        ratio = by_what[f"step/speedup_vs_{peer}"]["figure"]
-        assert abs(ratio - row["ms"] / ours) < 1e-2 * ratio + 1e-3
-
-
 def test_parity_harness_runs_both_pipelines_and_summarizes(archive, decoded_cache, tmp_path):
     out = tmp_path / "parity.jsonl"
     result = subprocess.run([sys.executable, "bench/parity.py", "--device", "cpu", "--quick", "--epochs", "1",
@@ -85,7 +54,8 @@ def test_gpu_accuracy_script_tiny_run_on_cpu(archive, decoded_cache, tmp_path):
 
 
 def test_gpu_speed_script_tiny_run_on_cpu(tmp_path):
-    """bench/gpu_speed.sh's plumbing with CPU-sized stages: every stage runs and leaves its JSON lines."""
+    """bench/gpu_speed.sh's plumbing with CPU-sized stages: every stage runs and leaves its JSON lines; its step stage
+    is `bench/step.py --device cpu --quick`, whose MFU and ratios are checked here too."""
     result = subprocess.run(["bench/gpu_speed.sh", str(tmp_path), "--tiny"], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -93,6 +63,36 @@ def test_gpu_speed_script_tiny_run_on_cpu(tmp_path):
     assert {r["stage"] for r in rows} == {"tests", "step", "loss", "pretrain"}
     assert all(r["status"] == 0 for r in rows), [r for r in rows if r["status"]]
     whats = {r["what"] for r in rows}
-    assert {"step/ours", "step/mfu", "loss/fused/time", "loss/reference/time", "pretrain/views_per_s"} <= whats
+    assert {"loss/fused/time", "loss/reference/time", "pretrain/views_per_s"} <= whats
     assert next(r for r in rows if r["what"] == "pretrain/views_per_s")["figure"] > 0
     assert (tmp_path / "step.log").is_file() and (tmp_path / "pretrain.log").is_file()
+    check_step_rows([r for r in rows if r["stage"] == "step"])
+
+
+def check_step_rows(rows: list[dict]) -> None:
+    """bench/step.py --device cpu --quick: views/s, FLOPs, MFU, the DataLoader baseline and the peers, with ratios
+    that are the quotients of the figures."""
+    whats = [r["what"] for r in rows]
+    assert whats == ["step/ours", "step/model_gflop_per_view", "step/mfu", "stage/augment", "stage/forward_backward",
+                     "stage/loss", "stage/optimizer", "step/dataloader_baseline", "step/speedup_vs_dataloader",
+                     "step/peer_lightly", "step/speedup_vs_lightly", "step/peer_dkobak", "step/speedup_vs_dkobak"] \
+        or (importlib.util.find_spec("lightly") is None and "step/speedup_vs_lightly" not in whats)
+    by_what = {r["what"]: r for r in rows}
+    assert all(r["shape"] == [32, 3, 32, 32] and r["device"].startswith("cpu") for r in rows)
+    assert all(r["figure"] > 0 for r in rows if "skipped" not in r)
+    ours, base = by_what["step/ours"]["ms"], by_what["step/dataloader_baseline"]["ms"]
+    assert abs(by_what["step/speedup_vs_dataloader"]["figure"] - base / ours) < 1e-2 * base / ours + 1e-3
+    # FLOPs counted by torch.utils.flop_counter: ResNet-18 at width 8 is 1/64 of width 64's ~3.3 GFLOP per view
+    assert 0.045 < by_what["step/model_gflop_per_view"]["figure"] < 0.06
+    mfu = by_what["step/mfu"]
+    assert mfu["peak_source"].startswith("measured") and mfu["peak_tflops"] > 0
+    expected = 100 * by_what["step/model_gflop_per_view"]["figure"] * 1e9 * by_what["step/ours"]["figure"] / (
+        mfu["peak_tflops"] * 1e12)
+    assert abs(mfu["figure"] - expected) < 0.05 * expected + 0.01
+    for peer in ("lightly", "dkobak"):
+        row = by_what[f"step/peer_{peer}"]
+        if "skipped" in row:  # only when the package is missing, and then it says so
+            assert peer == "lightly" and importlib.util.find_spec("lightly") is None and "not installed" in row["skipped"]
+            continue
+        ratio = by_what[f"step/speedup_vs_{peer}"]["figure"]
+        assert abs(ratio - row["ms"] / ours) < 1e-2 * ratio + 1e-3
