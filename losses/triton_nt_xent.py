@@ -79,44 +79,33 @@ if triton is not None:
         return tl.where(excluded, 0.0, probs)
 
     @triton.jit
-    def _softmax_times_candidates_kernel(anchors, candidates, lse, out, m, total, dim, offset, inv_temperature,
-                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                         BLOCK_OUT: tl.constexpr):
-        """out[i, d] = sum_j P_ij c_j[d] for a block of anchor rows and a block of output dimensions."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < m
+    def _softmax_product_kernel(anchors, candidates, lse, out, m, total, dim, offset, inv_temperature,
+                                PER_CANDIDATE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_OUT: tl.constexpr):
+        """For a block of this side's rows and a block of output dimensions d: out[i, d] = sum_j P_ij c_j[d] (per
+        anchor), or with PER_CANDIDATE out[j, d] = sum_i P_ij a_i[d] (the transpose: per candidate)."""
+        if PER_CANDIDATE:  # resolved when the kernel is compiled: two specializations, no runtime branch
+            own_count, other_count, values_of = total, m, anchors  # values_of: what P multiplies
+        else:
+            own_count, other_count, values_of = m, total, candidates
+        own = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        own_ok = own < own_count
         outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
         out_ok = outs < dim
-        acc = tl.zeros([BLOCK_M, BLOCK_OUT], tl.float32)
-        for start_n in range(0, total, BLOCK_N):
-            cols = start_n + tl.arange(0, BLOCK_N)
-            col_ok = cols < total
-            probs = _softmax_block(anchors, candidates, lse, rows, row_ok, cols, col_ok, dim, offset, inv_temperature,
-                                   BLOCK_M, BLOCK_N, BLOCK_D)
-            values = tl.load(candidates + cols[:, None] * dim + outs[None, :], mask=col_ok[:, None] & out_ok[None, :],
-                             other=0.0)
+        acc = tl.zeros([BLOCK, BLOCK_OUT], tl.float32)
+        for start in range(0, other_count, BLOCK):
+            other = start + tl.arange(0, BLOCK)
+            other_ok = other < other_count
+            if PER_CANDIDATE:  # P's rows are the others (anchors), its columns our candidates: use P^T
+                probs = tl.trans(_softmax_block(anchors, candidates, lse, other, other_ok, own, own_ok, dim, offset,
+                                                inv_temperature, BLOCK, BLOCK, BLOCK_D))
+            else:
+                probs = _softmax_block(anchors, candidates, lse, own, own_ok, other, other_ok, dim, offset,
+                                       inv_temperature, BLOCK, BLOCK, BLOCK_D)
+            values = tl.load(values_of + other[:, None] * dim + outs[None, :],
+                             mask=other_ok[:, None] & out_ok[None, :], other=0.0)
             acc += tl.dot(probs, values, input_precision="ieee")
-        tl.store(out + rows[:, None] * dim + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
-
-    @triton.jit
-    def _softmax_t_times_anchors_kernel(anchors, candidates, lse, out, m, total, dim, offset, inv_temperature,
-                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                                        BLOCK_OUT: tl.constexpr):
-        """out[j, d] = sum_i P_ij a_i[d] for a block of candidate rows and a block of output dimensions."""
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < total
-        outs = tl.program_id(1) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-        out_ok = outs < dim
-        acc = tl.zeros([BLOCK_N, BLOCK_OUT], tl.float32)
-        for start_m in range(0, m, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < m
-            probs = _softmax_block(anchors, candidates, lse, rows, row_ok, cols, col_ok, dim, offset, inv_temperature,
-                                   BLOCK_M, BLOCK_N, BLOCK_D)
-            values = tl.load(anchors + rows[:, None] * dim + outs[None, :], mask=row_ok[:, None] & out_ok[None, :],
-                             other=0.0)
-            acc += tl.dot(tl.trans(probs), values, input_precision="ieee")
-        tl.store(out + cols[:, None] * dim + outs[None, :], acc, mask=col_ok[:, None] & out_ok[None, :])
+        tl.store(out + own[:, None] * dim + outs[None, :], acc, mask=own_ok[:, None] & out_ok[None, :])
 
 
 def softmax_products(anchors: torch.Tensor, candidates: torch.Tensor, lse: torch.Tensor, offset: int,
@@ -129,12 +118,10 @@ def softmax_products(anchors: torch.Tensor, candidates: torch.Tensor, lse: torch
     block_out = max(16, min(128, triton.next_power_of_2(dim)))  # output columns per program (registers)
     out_blocks = triton.cdiv(dim, block_out)
     per_anchor, per_candidate = torch.empty_like(anchors), torch.empty_like(candidates)
-    scalars = (m, total, dim, offset, 1.0 / temperature)
-    meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_OUT=block_out)
-    _softmax_times_candidates_kernel[(triton.cdiv(m, 64), out_blocks)](anchors, candidates, lse, per_anchor,
-                                                                        *scalars, **meta)
-    _softmax_t_times_anchors_kernel[(triton.cdiv(total, 64), out_blocks)](anchors, candidates, lse, per_candidate,
-                                                                           *scalars, **meta)
+    for out, rows, per_candidate_side in ((per_anchor, m, False), (per_candidate, total, True)):
+        _softmax_product_kernel[(triton.cdiv(rows, 64), out_blocks)](
+            anchors, candidates, lse, out, m, total, dim, offset, 1.0 / temperature, PER_CANDIDATE=per_candidate_side,
+            BLOCK=64, BLOCK_D=32, BLOCK_OUT=block_out)
     return per_anchor, per_candidate
 
 
