@@ -17,7 +17,7 @@ from core.errors import UserError
 from data import load_source
 from engine.checkpoint import read_classifier
 from engine.cli import run_cli
-from engine.explain import explain, fixed_images, method_for
+from engine.explain import explain_test_images, method_for
 from engine.export import build_deployable
 from engine.tracking import decide_wandb_mode, keep_wandb_out, start_wandb
 
@@ -47,18 +47,16 @@ def main(argv: Sequence[str]) -> dict:
     if list(data.classes) != classifier.classes:
         raise UserError(f"the classifier knows classes {classifier.classes[:4]}..., data.root has "
                         f"{list(data.classes)[:4]}...: not the data it was trained on")
-    chosen = fixed_images(data.test_labels, cfg.images)
     model = build_deployable(classifier.encoder, classifier.head).to(device)
 
     # ---------------------------------------------------------------- explain
-    title = f"{method} of {arch} ({run_dir.name}) on {len(chosen)} test images"
-    shown = explain(model, data.test_images[chosen].to(device), data.test_labels[chosen].to(device),
-                    classifier.classes, method, out, title)
+    shown = explain_test_images(model, data.test_images, data.test_labels, classifier.classes,
+                                arch=arch, run_name=run_dir.name, count=cfg.images, path=out)
     wandb_run = start_wandb(wandb_cfg, job_type="explain", config=to_dict(cfg), run_dir=run_dir)
     if wandb_run is not None:
-        wandb_run.log_png(f"explain/{method}", out, title)
+        wandb_run.log_png(f"explain/{method}", out, shown["title"])
         wandb_run.finish()
-    print(f"explained: {title}: {shown['top1']:.0f}% of them classified correctly; heat maps hold "
+    print(f"explained: {shown['title']}: {shown['top1']:.0f}% of them classified correctly; heat maps hold "
           f"{100 * shown['mass_in_top_quarter']:.0f}% of their mass in their top quarter of pixels -> {out}", flush=True)
     return shown
 

@@ -26,7 +26,7 @@ from engine.cli import UserError, run_cli
 from core.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, knn_evaluation, linear_evaluation,
                              results_record)
-from engine.explain import explain, fixed_images, method_for
+from engine.explain import explain_test_images, method_for
 from engine.export import Deployable
 from engine.finetuning import FinetuneState, finetune_evaluation
 from engine.preemption import StopRequest
@@ -183,14 +183,12 @@ def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], cl
 def explain_grid(arch: str, model: torch.nn.Module, splits: LabeledSplits, run_dir: Path, wandb_run) -> None:
     """eval.explain: Grad-CAM or attention maps of the trained classifier on 16 fixed test images (explain.py's
     grid) into the run directory and W&B."""
-    method = method_for(arch)
-    chosen = fixed_images(splits.test_labels.cpu(), 16).to(splits.test_labels.device)
-    title = f"{method} of {arch} ({run_dir.name}) on {len(chosen)} test images"
-    shown = explain(model, splits.test_images[chosen], splits.test_labels[chosen], splits.classes, method,
-                    run_dir / f"{method}.png", title)
+    path = run_dir / f"{method_for(arch)}.png"
+    shown = explain_test_images(model, splits.test_images, splits.test_labels, splits.classes, arch=arch,
+                                run_name=run_dir.name, count=16, path=path)
     if wandb_run is not None:
-        wandb_run.log_png(f"explain/{method}", run_dir / f"{method}.png", title)
-    say(f"explained: {title} -> {shown['path']}")
+        wandb_run.log_png(f"explain/{shown['method']}", path, shown["title"])
+    say(f"explained: {shown['title']} -> {path}")
 
 
 def say(text: str) -> None:

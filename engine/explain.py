@@ -97,6 +97,20 @@ def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classe
             "mass_in_top_quarter": top_quarter.mean().item(), "path": str(path)}
 
 
+def explain_test_images(model: nn.Module, test_images: torch.Tensor, test_labels: torch.Tensor,
+                        classes: Sequence[str], *, arch: str, run_name: str, count: int, path: Path) -> dict:
+    """What explain.py and finetune.py eval.explain both do: the architecture's method on the fixed set of ``count``
+    test images (:func:`fixed_images`) of uint8 ``test_images`` [N, 3, H, W] / ``test_labels`` [N], the grid at
+    ``path``; only the chosen images move to the model's device. Returns :func:`explain`'s record plus the grid's
+    ``title``."""
+    method, device = method_for(arch), next(model.parameters()).device
+    chosen = fixed_images(test_labels.cpu(), count).to(test_labels.device)
+    title = f"{method} of {arch} ({run_name}) on {len(chosen)} test images"
+    shown = explain(model, test_images[chosen].to(device), test_labels[chosen].to(device), classes, method, path,
+                    title)
+    return {**shown, "title": title}
+
+
 def _as_distribution(maps: torch.Tensor) -> torch.Tensor:
     """Each map [H, W] of maps [B, H, W] scaled to sum 1 (all-zero maps become uniform)."""
     flat = maps.flatten(1).clamp_min(0)
