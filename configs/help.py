@@ -15,7 +15,6 @@ import shutil
 import textwrap
 import tokenize
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any, Optional, Type
 
 from configs import schema as schema_module
@@ -52,10 +51,10 @@ def _describe(schema: Type, instance: Any, prefix: str):
 
 def sections(schema: Type) -> dict[str, str]:
     """Top-level section name -> its description (class docstring, or the comment beside the section's field)."""
-    comments = _inherited_comments(schema)
+    comments, instance = _inherited_comments(schema), schema()
     out = {}
     for f in dataclasses.fields(schema):
-        value = getattr(schema(), f.name)
+        value = getattr(instance, f.name)
         if dataclasses.is_dataclass(value):
             doc = inspect.getdoc(type(value)) if type(value).__doc__ else ""
             out[f.name] = " — ".join(part for part in (doc, comments.get(f.name, "")) if part
@@ -137,21 +136,26 @@ def _inherited_comments(schema: Type) -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _field_comments(class_name: str, module: ModuleType = schema_module) -> dict[str, str]:
-    """field name -> its comment text in ``class_name``'s source (the comment lines directly above the field,
-    then the one at the end of its line)."""
-    source = inspect.getsource(module)
-    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, whole line is a comment)
+def _schema_source() -> tuple[dict[int, tuple[str, bool]], dict[str, ast.ClassDef]]:
+    """configs/schema.py read once: line -> (comment text, whether the whole line is a comment), and its classes."""
+    source = inspect.getsource(schema_module)
     lines = source.splitlines()
+    comments = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             row = token.start[0]
-            own_line = lines[row - 1].lstrip().startswith("#")
-            comments[row] = (token.string.lstrip("#").strip(), own_line)
-    cls = next(node for node in ast.walk(ast.parse(source))
-               if isinstance(node, ast.ClassDef) and node.name == class_name)
+            comments[row] = (token.string.lstrip("#").strip(), lines[row - 1].lstrip().startswith("#"))
+    classes = {node.name: node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef)}
+    return comments, classes
+
+
+@functools.lru_cache(maxsize=None)
+def _field_comments(class_name: str) -> dict[str, str]:
+    """field name -> its comment text in ``class_name``'s source (the comment lines directly above the field,
+    then the one at the end of its line)."""
+    comments, classes = _schema_source()
     out = {}
-    for node in cls.body:
+    for node in classes[class_name].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         above, row = [], node.lineno - 1
