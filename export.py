@@ -9,6 +9,7 @@ records the contract, the SHA-256 and the measured error; check_only=true checks
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -48,9 +49,9 @@ def main(argv: Sequence[str]) -> dict:
     images = data.test_images[:cfg.check_images].cpu()
 
     # ---------------------------------------------------------------- write (to a temporary name), read back, check
-    meta = metadata(encoder_file, classes, cfg.format)
     if cfg.check_only:
         return check_existing(out, cfg, model, images)
+    meta = metadata(encoder_file, classes, cfg.format)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         write_export(model, cfg.format, tmp, images[:2], meta)
@@ -63,7 +64,7 @@ def main(argv: Sequence[str]) -> dict:
         tmp.unlink(missing_ok=True)
     record = {**meta, "sha256": sha256_of(out), "checked_images": len(images), "max_relative_error": error,
               "tolerance": cfg.tolerance, "data": f"{cfg.data.name} {cfg.data.root}"}
-    write_json(out.with_name(out.name + ".json"), record)
+    write_json(record_path(out), record)
     print(f"exported: {meta['kind']} {meta['arch']} -> {out} ({cfg.format}, {out.stat().st_size / 1e6:.1f} MB); "
           f"input {meta['input']}; output {meta['output']}; checked on {len(images)} test images: max relative "
           f"error {error:.2e} <= {cfg.tolerance:g}", flush=True)
@@ -72,14 +73,12 @@ def main(argv: Sequence[str]) -> dict:
 
 def check_existing(out: Path, cfg: ExportConfig, model, images) -> dict:
     """check_only: the file's SHA-256 against its <out>.json record, then its outputs against the eager model."""
-    import json
-
-    record_path = out.with_name(out.name + ".json")
-    if record_path.is_file():
-        recorded = json.loads(record_path.read_text()).get("sha256")
+    record = record_path(out)
+    if record.is_file():
+        recorded = json.loads(record.read_text()).get("sha256")
         if recorded and recorded != sha256_of(out):
             raise UserError(f"{str(out)!r} was changed or damaged since it was exported: its SHA-256 differs from "
-                            f"the one in {record_path.name}")
+                            f"the one in {record.name}")
     read_metadata_or_fail(out, cfg.format)
     error = max_relative_error(load_export(out, cfg.format), model, images)
     if not error <= cfg.tolerance:
@@ -88,6 +87,11 @@ def check_existing(out: Path, cfg: ExportConfig, model, images) -> dict:
     print(f"checked: {out} ({cfg.format}) matches checkpoint={cfg.checkpoint} on {len(images)} test images: max "
           f"relative error {error:.2e} <= {cfg.tolerance:g}", flush=True)
     return {"max_relative_error": error, "checked_images": len(images)}
+
+
+def record_path(out: Path) -> Path:
+    """<out>.json: the export's contract, SHA-256 and measured error."""
+    return out.with_name(out.name + ".json")
 
 
 def read_metadata_or_fail(out: Path, fmt: str) -> dict:
