@@ -164,6 +164,7 @@ def _restore(resume: Optional[dict], model: nn.Module, optimizer: torch.optim.Op
     optimizer.load_state_dict(resume["optimizer"])
     if ema is not None:
         ema.load_state_dict(resume["ema"])
+    # "val_top1": what checkpoints written before the EMA existed hold instead of "val"
     val = resume.get("val") or ({"val/top1": resume["val_top1"]} if resume.get("val_top1") is not None else {})
     return Progress(resume["step"], resume["epoch"], val)
 
@@ -193,6 +194,6 @@ def _save_finetune_state(state: FinetuneState, model: nn.Module, optimizer: torc
     """Atomically, by rank 0: weights, optimizer, EMA, step, completed epochs, last validation top-1, provenance."""
     if state.path is not None and dist.is_main():
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": at.step,
-                     "epoch": at.epoch, "val_top1": at.val.get("val/top1"), "val": at.val,
+                     "epoch": at.epoch, "val": at.val,
                      "ema": ema.state_dict() if ema is not None else None, **state.provenance}, state.path)
     dist.barrier()
