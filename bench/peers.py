@@ -10,7 +10,6 @@ model (ours, the same in every row of a run) differs from their scripts, so the 
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -80,9 +79,10 @@ def pipeline(peer: str, images_hwc: np.ndarray, batch: int, workers: int | None 
     return loader, loss
 
 
-def peer_seconds(encoder: nn.Module, head: nn.Module, device: torch.device, loader: torch.utils.data.DataLoader,
-                 loss_fn: Callable, warmup: int, steps: int) -> float:
-    """Wall-clock seconds per step: next batch -> device -> encoder + head per view -> loss -> backward -> SGD."""
+def peer_step(encoder: nn.Module, head: nn.Module, device: torch.device, loader: torch.utils.data.DataLoader,
+              loss_fn: Callable) -> Callable[[], None]:
+    """One training step as the peers run it: next batch -> device -> encoder + head per view -> loss -> backward ->
+    SGD (bench/step.py times it on the wall clock)."""
     parameters = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.SGD(parameters, lr=0.06, momentum=0.9, weight_decay=5e-4)
     batches: Iterator = iter(loader)
@@ -94,14 +94,4 @@ def peer_seconds(encoder: nn.Module, head: nn.Module, device: torch.device, load
         loss = loss_fn(head(encoder(view1)), head(encoder(view2)))
         loss.backward()
         optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return step

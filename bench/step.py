@@ -194,14 +194,20 @@ def baseline_seconds(setup: Setup, images_hwc: np.ndarray, workers: int, warmup:
         setup.forward_backward(view1, view2)
         setup.optimizer.step()
 
+    return wall_seconds_per_call(step, setup.device, warmup, steps)
+
+
+def wall_seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
+    """Mean wall-clock seconds of ``fn`` after ``warmup`` calls, the device drained before and after: for pipelines
+    whose host work (data loading) is the point of the comparison, which device events would not see."""
     for _ in range(warmup):
-        step()
-    if cuda:
+        fn()
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()  # wall clock: the loader's host work is the point of the comparison
+    start = time.perf_counter()
     for _ in range(steps):
-        step()
-    if cuda:
+        fn()
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
 
@@ -216,7 +222,8 @@ def time_peer(peer: str, setup: "Setup", images_hwc: np.ndarray, args: argparse.
              **settings)
         return
     encoder, head = setup.model.encoder, setup.model.head
-    seconds = peers.peer_seconds(encoder, head, setup.device, loader, loss_fn, args.warmup, args.steps)
+    seconds = wall_seconds_per_call(peers.peer_step(encoder, head, setup.device, loader, loss_fn), setup.device,
+                                    args.warmup, args.steps)
     workers = loader.num_workers
     emit(f"step/peer_{peer}", 2 * setup.batch / seconds, "views/s", shape, device_name, ms=1000 * seconds,
          workers=workers, peer_precision="fp32", peer_compile="off", **settings)
