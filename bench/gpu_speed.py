@@ -62,8 +62,8 @@ def run_stage(name: str, command: list[str], limit: int, out: Path) -> tuple[int
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=limit)
         status, stdout, stderr = done.returncode, done.stdout, done.stderr
     except subprocess.TimeoutExpired as timeout:
-        status, stdout = 124, (timeout.stdout or b"").decode() if isinstance(timeout.stdout, bytes) else (
-            timeout.stdout or "")
+        partial = timeout.stdout or b""  # bytes even with text=True (subprocess's timeout path)
+        status, stdout = 124, partial.decode() if isinstance(partial, bytes) else partial
         stderr = f"stopped after its {limit} s limit"
     with open(out / f"{name}.log", "a") as log:
         log.write(f"$ {' '.join(command)}\n{stdout}\n{stderr}\nstatus {status} in {time.perf_counter() - start:.0f} s\n")
