@@ -29,7 +29,7 @@ from core import dist
 from core.files import atomic_save, write_json
 from engine.checkpoint import ENCODER_FILE, last_checkpoint, load_file, load_strict, sha256_of
 from engine.cli import Diverged, Stopped, UserError, run_cli
-from core.device import autocast, resolve_device, resolve_precision
+from core.device import resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.accuracy import topk_accuracy
 from engine.knn import extract_features, extract_features_sharded, knn_top1
@@ -186,14 +186,15 @@ def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = 
     """Encoder + projection head + loss settings from the config, on ``device``; global batch norm under torchrun.
     ``num_classes`` adds the online linear classifier (eval.online_linear).
 
-    Parameters are fp64 when ``dtype`` is (train.precision=fp64), fp32 otherwise (bf16 is autocast); on CUDA the
+    Parameters are fp64 when ``dtype`` is (train.precision=fp64), fp32 otherwise (bf16 autocasts the encoder and
+    head, the loss stays fp32: ``SimCLR.compute_dtype``); on CUDA the
     model is channels_last (NHWC: the layout cuDNN's fastest convolutions and bf16 tensor cores want)."""
     encoder = create_encoder(cfg.model.arch, cfg.model.width)
     hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers,
                            hidden_bn=cfg.model.proj_bn, out_bn=cfg.model.proj_out_bn)
     model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1,
-                   num_classes=num_classes)
+                   num_classes=num_classes, compute_dtype=dtype)
     if cfg.model.sync_bn and dist.world_size() > 1:  # statistics over the global batch, as in the paper
         model = convert_to_global_bn(model, device)
     if cfg.model.forward_views == "separate":  # per-view statistics, as the peers' two forward passes give
@@ -227,7 +228,7 @@ class StepContext:
     optimizer: torch.optim.Optimizer
     augment: SimCLRAugment
     device: torch.device
-    dtype: torch.dtype  # compute precision: bf16 is autocast, fp64 runs the whole model in double
+    dtype: torch.dtype  # the model's compute precision (fp64: the views are made double for it)
 
 
 def train_step(ctx: StepContext, images: torch.Tensor, generator: torch.Generator, lr: float,
@@ -250,8 +251,7 @@ def forward_backward(ctx: StepContext, view1: torch.Tensor, view2: torch.Tensor,
         view1, view2 = view1.double(), view2.double()
     if ctx.device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
-    with autocast(ctx.device, ctx.dtype):
-        out = ctx.model(view1, view2, labels)
+    out = ctx.model(view1, view2, labels)  # bf16 autocast, where asked for, is inside (SimCLR.compute_dtype)
     # The online classifier's loss reaches only its own weights (its input is detached).
     (out["loss"] + out["online_loss"] if "online_loss" in out else out["loss"]).backward()
     return out

@@ -19,8 +19,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: b
     """Mean NT-Xent over the local anchors. z1, z2: [n, d] embeddings of two views of the same n images.
 
     Each of the 2n local views is an anchor; its positive is the other view of its image; its negatives are all
-    other views: the local 2n - 2, or with ``gather=True`` the views of every process (2 n W - 2). Logits and
-    log-sum-exp are computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64). With ``gather=True`` under DDP,
+    other views: the local 2n - 2, or with ``gather=True`` the views of every process (2 n W - 2). Logits,
+    log-sum-exp and gradients are computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64), also inside an
+    autocast region, which is switched off here. With ``gather=True`` under DDP,
     N processes on shards of a batch produce the same parameter gradients as one process on the whole batch.
     impl: "reference" (full matrix), "fused" (blocked, O(n d) memory) or "auto" (fused above 4M logits).
     """
@@ -29,9 +30,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: b
     if impl == "auto":  # the full matrix is fastest while small; beyond ~16 MB of logits, walk it in blocks
         impl = "fused" if (2 * z1.shape[0]) ** 2 * (dist.world_size() if gather else 1) > AUTO_FUSED_ELEMENTS \
             else "reference"
-    if impl == "fused":
-        return nt_xent_fused(z1, z2, temperature, gather=gather)
-    return nt_xent_reference(z1, z2, temperature, gather=gather)
+    loss = nt_xent_fused if impl == "fused" else nt_xent_reference
+    # Autocast would run the similarity matmul in bf16 whatever the inputs' dtype: 8 bits of mantissa in logits
+    # divided by a small temperature (at T = 0.05 the fused loss came out 16x too large). The loss is a sliver of
+    # the step's FLOPs, so it runs in fp32 with autocast off.
+    with torch.autocast(z1.device.type, enabled=False):
+        return loss(z1, z2, temperature, gather=gather)
 
 
 AUTO_FUSED_ELEMENTS = 1 << 22
@@ -99,6 +103,11 @@ class _BlockedNTXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):  # a backward() called inside autocast: still fp32
+            return _BlockedNTXent._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: torch.Tensor):
         anchors, candidates, lse, positives = ctx.saved_tensors
         scale = grad_out / (anchors.shape[0] * ctx.temperature)  # d mean / d logits, times d logits / d similarity
         if triton_nt_xent.available(anchors):  # two Triton kernels: P C and P^T A, P recomputed from lse

@@ -92,6 +92,36 @@ def test_fused_takes_low_precision_inputs_and_returns_their_dtype(dtype):
     assert grad.dtype == dtype
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("t", [0.05, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("inputs", [torch.float32, torch.bfloat16])  # bf16: what a head under autocast returns
+def test_the_loss_is_fp32_inside_bf16_autocast(monkeypatch, impl, t, inputs):
+    """The training step calls the loss inside bf16 autocast; value and gradients must still be fp32 numbers: equal
+    to those outside autocast, and within fp32 rounding of fp64 on the same inputs. (backward() runs after the
+    autocast region, as in the training step.)"""
+    monkeypatch.setattr(nt_xent_module, "BLOCK_ELEMENTS", 3 * 512)  # the fused loss in several blocks
+    g = torch.Generator().manual_seed(int(t * 100))
+    z1, z2 = (torch.randn(256, 64, generator=g).to(inputs) for _ in range(2))
+
+    def loss_and_grads(z1, z2, autocast):
+        z1, z2 = z1.detach().requires_grad_(), z2.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = nt_xent(z1, z2, t, impl=impl)
+        return loss, torch.autograd.grad(loss, (z1, z2))
+
+    loss, grads = loss_and_grads(z1, z2, autocast=True)
+    plain_loss, plain_grads = loss_and_grads(z1, z2, autocast=False)
+    exact_loss, exact_grads = loss_and_grads(z1.double(), z2.double(), autocast=False)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=0)
+    assert abs(loss.item() - exact_loss.item()) / exact_loss.item() < 1e-6
+    for mine, plain, exact in zip(grads, plain_grads, exact_grads):
+        assert mine.dtype == inputs
+        torch.testing.assert_close(mine, plain, rtol=1e-5, atol=1e-7)
+        if inputs == torch.float32:  # bf16 gradients are rounded to bf16 on their way out, as autograd must
+            assert ((mine.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
 def test_auto_picks_fused_only_for_large_batches(monkeypatch):
     calls = []
     monkeypatch.setattr(nt_xent_module, "nt_xent_fused", lambda *a, **k: calls.append("fused") or torch.zeros(()))

@@ -151,7 +151,7 @@ def test_training_step_never_waits_for_the_gpu():
     from pretrain import StepContext, build_model, train_step
 
     device = torch.device("cuda")
-    model = build_model(load_config(["model.width=16"]), device)  # on the GPU, channels_last
+    model = build_model(load_config(["model.width=16"]), device, torch.bfloat16)  # on the GPU, channels_last
     optimizer = create_optimizer("lars", model, lr=0.1, weight_decay=1e-6)
     ctx = StepContext(model, optimizer, SimCLRAugment(), device, torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(0)
