@@ -22,12 +22,16 @@ pretrain: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-# What the device tool carries to a GPU machine (README "GPU results"): wheels its image lacks, and the data archive.
-gpu-carry: $(STAMP)
-	mkdir -p .whl .gpu
-	$(PY) -m pip wheel -q --no-deps -w .whl omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 airbench==0.1.8 \
-		lightly pytorch-lightning lightning-utilities torchmetrics hydra-core
-	cp ../shared/data/cifar10-jpeg.tar.xz .gpu/
+# What the device tool carries to a GPU machine (docs/performance.md): the data archive, and pinned wheels of what its
+# image lacks (it has torch, torchvision, timm, pytest, pytorch-lightning, torchmetrics, lightning-utilities, ...).
+# All are pure Python, so this machine's python3 builds them; no virtual environment is needed or touched.
+SHARED ?= ../shared
+CARRY_WHEELS := omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 hydra-core==1.3.8 airbench==0.1.8 lightly==1.6.0
+gpu-carry:
+	rm -rf .whl && mkdir -p .whl .gpu
+	$(PYTHON) -m pip wheel -q --no-deps --no-cache-dir -w .whl $(CARRY_WHEELS)
+	cp $(SHARED)/data/cifar10-jpeg.tar.xz .gpu/
+	@ls .whl; du -ch .whl .gpu | tail -1 | sed 's/total/carried in all (the limit is 64 MiB with the working tree)/'
 
 clean-venv:
 	rm -rf $(VENV)

@@ -3,7 +3,8 @@
     python bench/loss.py                                  # CPU, 2N in {2048, 8192, 16384, 65536}, d = 128
     python bench/loss.py --device cuda
 
-Each measurement runs in a fresh subprocess (peak RSS on CPU, max_memory_allocated on CUDA). JSON lines
+On CUDA every measurement runs in this one process (peak memory: max_memory_allocated, reset before each, after a
+warm-up call that compiles the Triton kernels); on CPU each runs in a fresh subprocess (peak RSS). JSON lines
 {"what", "shape", "device", "figure", "unit"}; ratios fused/reference come last for sizes where both ran.
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ def measure(impl: str, views: int, dim: int, device: str, repeats: int) -> dict:
 
     if device == "cuda":
         step()
+        z1.grad = z2.grad = None
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
@@ -50,6 +53,17 @@ def measure(impl: str, views: int, dim: int, device: str, repeats: int) -> dict:
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     return {"seconds": statistics.median(times), "peak_bytes": max(peak, 0)}
+
+
+def measured(impl: str, views: int, args: argparse.Namespace) -> dict:
+    """:func:`measure` here (CUDA: one process, no start-up per size) or in a fresh subprocess (CPU: its own peak RSS)."""
+    if args.device == "cuda":
+        return measure(impl, views, args.dim, args.device, args.repeats)
+    out = subprocess.run([sys.executable, __file__, "--child", impl, str(views), args.device, "--dim", str(args.dim),
+                          "--repeats", str(args.repeats)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout)
 
 
 def main() -> None:
@@ -74,11 +88,7 @@ def main() -> None:
                 print(json.dumps({"what": f"loss/{impl}", "shape": [views, args.dim], "device": name,
                                   "figure": None, "unit": "skipped: the full matrix does not fit"}))
                 continue
-            out = subprocess.run([sys.executable, __file__, "--child", impl, str(views), args.device, "--dim",
-                                  str(args.dim), "--repeats", str(args.repeats)], capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(out.stderr)
-            results[impl, views] = r = json.loads(out.stdout)
+            results[impl, views] = r = measured(impl, views, args)
             for key, unit in (("seconds", "s"), ("peak_bytes", "MiB")):
                 figure = r[key] / 2 ** 20 if unit == "MiB" else r[key]
                 print(json.dumps({"what": f"loss/{impl}/{key.split('_')[-1] if unit == 'MiB' else 'time'}",
