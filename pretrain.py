@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from augment import NORMALIZATIONS, SimCLRAugment
-from configs.load import load_config, recipe_changes, to_dict, to_yaml
+from configs.load import from_dict, load_config, recipe_changes, to_dict, to_yaml
 from configs.schema import PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
 from core import dist
@@ -61,6 +61,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or f"{cfg.model.arch}-{cfg.data.name}-s{cfg.seed}")
     held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
     resume, resume_path = find_resume_state(cfg, run_dir)  # validated before anything is written
+    if resume is not None:
+        cfg = resumed_config(cfg, resume, resume_path)  # the checkpoint's schedule, or a finished run extended
     wandb_cfg = decide_wandb_mode(cfg.wandb)  # online | offline in seconds, before any data is loaded
     dist.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     if dist.is_main():
@@ -131,7 +133,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
 
     # ---------------------------------------------------------------- finish
     summary = {"status": "finished", "step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(),
-               **final_knn(run.metrics)}
+               "schedule_segments": schedule_segments(cfg.train), **final_knn(run.metrics)}
     if best_knn is not None:
         summary["knn/best_top1"] = best_knn
     if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
@@ -207,7 +209,7 @@ def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int
                     ) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
     """The optimizer over the model's parameter groups (the online classifier's its own) and the lr schedule."""
     return optimizer_and_schedule(cfg.optim, model, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs,
-                                  steps_per_epoch=steps_per_epoch, own_groups=online_classifier_group(cfg),
+                                  steps_per_epoch=steps_per_epoch, restarts=cfg.train.schedule_restarts, own_groups=online_classifier_group(cfg),
                                   trust_coeff=cfg.optim.lars_trust_coeff, trust_clip=cfg.optim.lars_trust_clip)
 
 
@@ -500,12 +502,44 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> tuple[Optional[dict
     state = load_file(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
-    changed = recipe_changes(state["config"], cfg, PretrainConfig)
+    changed = recipe_changes(state["config"], cfg, PretrainConfig,
+                             also_allowed=("train.epochs", "train.schedule_restarts"))  # resumed_config checks them
     if changed:
         raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "
-                        "only train.epochs, logging, run.*, wandb.*, device and data paths may change on resume. "
-                        "Start a new run with another run.name")
+                        "only logging, run.*, wandb.*, device and data paths may change on resume (train.epochs only "
+                        "to extend a finished run). Start a new run with another run.name")
     return state, path
+
+
+def resumed_config(cfg: PretrainConfig, state: dict, path: Path) -> PretrainConfig:
+    """The config a resumed run continues with: the checkpoint's lr-schedule restarts, plus one at the old end when a
+    finished run is extended to more epochs (a new phase: warm-up + cosine over the added epochs). A changed
+    train.epochs of an unfinished run, a shortened finished run, or other restarts than the checkpoint's are refused:
+    each would rewrite the schedule the run has been following."""
+    saved = from_dict(state["config"], PretrainConfig).train
+    old, new, restarts = saved.epochs, cfg.train.epochs, list(saved.schedule_restarts)
+    if cfg.train.schedule_restarts and list(cfg.train.schedule_restarts) != restarts:
+        raise UserError(f"cannot resume {str(path)!r}: train.schedule_restarts={list(cfg.train.schedule_restarts)} "
+                        f"differs from the checkpoint's {restarts}; leave it unset on resume")
+    if new != old and state["epoch"] < old:
+        raise UserError(f"cannot resume {str(path)!r} with train.epochs={new}: it is at epoch {state['epoch']} of "
+                        f"{old}, and its lr schedule would be recomputed mid-run. Continue with train.epochs={old}; "
+                        f"once finished, train.epochs={new} extends it as a new phase (warm-up + cosine)")
+    if new < old:
+        raise UserError(f"cannot resume {str(path)!r} with train.epochs={new}: it finished {old} epochs; a run is "
+                        "not shortened. Start a new run with another run.name")
+    if new > old:
+        restarts.append(old)
+        if dist.is_main():
+            print(f"extend: a finished {old}-epoch run continues to epoch {new}; its lr schedule starts again at "
+                  f"epoch {old} (train.schedule_restarts={restarts})", flush=True)
+    return replace(cfg, train=replace(cfg.train, schedule_restarts=restarts))
+
+
+def schedule_segments(train) -> list[list[int]]:
+    """[[start, end], ...] epochs of each lr-schedule segment: [[0, epochs]] for a run trained in one go."""
+    bounds = [0, *train.schedule_restarts, train.epochs]
+    return [[a, b] for a, b in zip(bounds, bounds[1:])]
 
 
 def restore(state: dict, model: SimCLR, optimizer) -> tuple[int, int, Optional[float]]:

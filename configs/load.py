@@ -157,6 +157,10 @@ def validate(cfg: Any) -> None:
         if too_low or too_high:
             bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
             raise UserError(f"{key}={value} is out of range: it must be {bound}")
+    restarts, epochs = _get(cfg, "train.schedule_restarts"), _get(cfg, "train.epochs")
+    if restarts and (list(restarts) != sorted(set(restarts)) or restarts[0] <= 0 or restarts[-1] >= epochs):
+        raise UserError(f"train.schedule_restarts={list(restarts)} must be increasing epochs between 0 and "
+                        f"train.epochs={epochs} (both excluded)")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -180,12 +184,13 @@ def flatten(nested: dict, prefix: str = "") -> dict:
     return flat
 
 
-def recipe_changes(saved: dict, cfg: Any, schema: Type) -> list[str]:
+def recipe_changes(saved: dict, cfg: Any, schema: Type, also_allowed: Tuple[str, ...] = ()) -> list[str]:
     """``key: old -> new`` for every key in which ``cfg`` differs from a checkpoint's saved config (``to_dict`` form,
-    older files filled with defaults), except those a resumed run may change (``configs.schema.RESUMABLE_CHANGES``)."""
+    older files filled with defaults), except those a resumed run may change (``configs.schema.RESUMABLE_CHANGES``
+    and ``also_allowed``, which the caller checks itself)."""
     before, now = flatten(to_dict(from_dict(saved, schema))), flatten(to_dict(cfg))
-    return [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
-            if before.get(k) != now[k] and not k.startswith(RESUMABLE_CHANGES)]
+    allowed = RESUMABLE_CHANGES + tuple(also_allowed)
+    return [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k] and not k.startswith(allowed)]
 
 
 def from_dict(data: dict, schema: Type[T] = PretrainConfig) -> T:

@@ -74,6 +74,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (exactness checks)
     compile: bool = False  # torch.compile the training step (faster on GPUs after a minute of compiling)
     log_every: int = 50  # steps between reads of device-side metrics (each read is a host sync)
+    # Epochs at which the lr schedule starts again (warm-up, then cosine to the next restart or the end). pretrain.py
+    # adds one when a finished run is extended (train.epochs raised on resume); every resume keeps the checkpoint's.
+    schedule_restarts: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -277,8 +280,9 @@ class ExplainConfig:
 # are the same experiment (tables match runs ignoring them; a resumed run may change them).
 NOT_RESULT_KEYS = ("run.", "wandb.", "device", "data.root", "data.download", "data.cache_dir", "train.log_every",
                    "train.compile", "loss.impl", "checkpoint")
-# What a resumed pretraining may change besides those: more epochs extend the run (its cosine schedule stretches).
-RESUMABLE_CHANGES = NOT_RESULT_KEYS + ("train.epochs",)
+# What a resumed run may change: only those. pretrain.py handles train.epochs itself (a finished run may be extended as
+# a new schedule phase, recorded in train.schedule_restarts; an unfinished one keeps its length).
+RESUMABLE_CHANGES = NOT_RESULT_KEYS
 
 # Allowed values of string keys. An entry of None in a tuple is not used; paths are free-form.
 CHOICES = {

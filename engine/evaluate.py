@@ -122,8 +122,9 @@ def linear_evaluation(encoder: nn.Module, splits: LabeledSplits, cfg: ProbeConfi
                        torch.cat([splits.train_labels, splits.val_labels]), [chosen.weight_decay])
         trained_on += len(splits.val_labels)
     seconds = time.perf_counter() - tick
-    log(f"probe: weight decay {chosen.weight_decay:g} chosen on val ({chosen.val_top1_by_wd}); "
-        f"{len(cfg.wd_grid)} classifiers + refit trained in {seconds:.1f}s")
+    how = f"chosen on val ({chosen.val_top1_by_wd})" if chosen.val_top1_by_wd else "the only one (no validation split)"
+    log(f"probe: weight decay {chosen.weight_decay:g} {how}; {len(cfg.wd_grid)} classifiers + refit trained in "
+        f"{seconds:.1f}s")
     extra = {"probe/weight_decay": chosen.weight_decay, "probe/val_top1_by_wd": chosen.val_top1_by_wd,
              "probe/train_seconds": round(seconds, 3), "probe/refit_on_val": trained_on > len(splits.train_labels),
              "probe/augment": augment}

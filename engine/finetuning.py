@@ -78,7 +78,8 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: Finetu
         raise UserError(f"train.batch_size={train.batch_size}: {err}; lower train.batch_size") from None
     model = Classifier(encoder, splits.num_classes).to(device)
     optimizer, schedule = optimizer_and_schedule(optim, model, batch_size=train.batch_size, epochs=train.epochs,
-                                                 steps_per_epoch=sampler.steps_per_epoch)
+                                                 steps_per_epoch=sampler.steps_per_epoch,
+                                                 restarts=train.schedule_restarts)
     step_model = dist.wrap_ddp(model, device)  # gradients averaged over ranks under torchrun
     step_model = torch.compile(step_model) if train.compile else step_model
     ema = weight_average(model, train.ema_decay)

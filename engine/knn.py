@@ -18,13 +18,18 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, *, mean, std, bat
     was_training = encoder.training
     encoder.eval()
     out = []
+    if not len(images):  # an empty split (data.val_size=0): [0, d], d from one forward on a blank image
+        images = torch.zeros((1, *images.shape[1:]), dtype=images.dtype, device=images.device)
+        batch_size, keep = 1, 0
+    else:
+        keep = images.shape[0]
     for start in range(0, images.shape[0], batch_size):
         x = normalize(images[start:start + batch_size].float().div_(255), mean, std)
         x = x.double() if dtype == torch.float64 else x
         with autocast(x.device, dtype):
             out.append(encoder(x).float())
     encoder.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out)[:keep]
 
 
 def extract_features_sharded(encoder: nn.Module, images: torch.Tensor, **kw) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,14 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def restarted_lr_at(step: int, *, restart_steps: Sequence[int], total_steps: int, **schedule: Any) -> float:
+    """:func:`lr_at` run afresh in each segment between restarts: warm-up and cosine over [restart_i, restart_i+1)
+    (the last segment ends at total_steps), as a run of the segment's length would have them."""
+    start = max((r for r in restart_steps if r <= step), default=0)
+    end = min((r for r in restart_steps if r > step), default=total_steps)
+    return lr_at(step - start, total_steps=end - start, **schedule)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -111,14 +119,16 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
 
 
 def optimizer_and_schedule(optim, model: nn.Module, *, batch_size: int, epochs: int, steps_per_epoch: int,
-                           **options: Any) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
+                           restarts: Sequence[int] = (), **options: Any) -> tuple[torch.optim.Optimizer, Callable[[int], float]]:
     """The optimizer an ``OptimConfig`` describes over ``model`` and its lr schedule, a pure function of the step:
     linear warm-up to optim.base_lr x batch_size / 256, then cosine to optim.min_lr_ratio of it. ``options`` go to
-    :func:`create_optimizer` (own_groups, trust_coeff, ...)."""
+    :func:`create_optimizer` (own_groups, trust_coeff, ...). ``restarts`` (epochs) start the schedule again
+    (:func:`restarted_lr_at`)."""
     peak = effective_lr(optim.base_lr, batch_size)
     options.setdefault("layer_decay", getattr(optim, "layer_decay", 1.0))  # FinetuneOptimConfig has one
     optimizer = create_optimizer(optim.name, model, lr=peak, weight_decay=optim.weight_decay, momentum=optim.momentum,
                                  nesterov=optim.nesterov, decay_norm_bias=optim.decay_norm_bias, **options)
-    schedule = partial(lr_at, peak_lr=peak, warmup_steps=round(optim.warmup_epochs * steps_per_epoch),
-                       total_steps=epochs * steps_per_epoch, min_lr=optim.min_lr_ratio * peak)
+    schedule = partial(restarted_lr_at, restart_steps=[r * steps_per_epoch for r in restarts], peak_lr=peak,
+                       warmup_steps=round(optim.warmup_epochs * steps_per_epoch), total_steps=epochs * steps_per_epoch,
+                       min_lr=optim.min_lr_ratio * peak)
     return optimizer, schedule

@@ -98,6 +98,19 @@ def test_linear_probe_at_the_end_of_pretraining(tmp_path):
     assert record["data/train_images"] == 800  # the run's 600 training images + 200 validation images (refit)
 
 
+def test_linear_probe_at_the_end_without_a_validation_split(tmp_path):
+    """data.val_size=0 with one weight decay: nothing to choose, so the probe runs (it was a traceback after the whole
+    pretraining); with a grid it is refused before any work (test_pretrain.py's bad-input cases)."""
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.linear_at_end=true",
+                                                     "probe.epochs=2", "data.val_size=0", "eval.knn_every=0",
+                                                     "probe.wd_grid=[1e-4]"))
+    assert result.returncode == 0, result.stderr
+    assert "weight decay 0.0001 the only one (no validation split)" in result.stdout
+    record = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert record["val/top1"] is None and record["probe/weight_decay"] == 1e-4 and 0 <= record["test/top1"] <= 100
+    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["linear/test_top1"] == record["test/top1"]
+
+
 def broken_encoder(tmp_path, pretrained, change):
     state = torch.load(pretrained / "encoder.pt", weights_only=False)
     change(state["encoder"])

@@ -52,6 +52,8 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     (["data.name=folder", "data.root=/no/such/dir"], "does not exist"),
     (["data.name=cifar10", "data.download=false", "data.root=/tmp/no-cifar-here"], "point data.root at a local copy"),
     (["train.batch_size=5000"], "exceeds"),
+    (["eval.linear_at_end=true", "data.val_size=0", "eval.knn_every=0"], "no validation split to choose among"),
+    (["train.schedule_restarts=[1,1]"], "must be increasing epochs between 0 and train.epochs=2"),
 ])
 def test_bad_input(tmp_path, args, fragment):
     assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path), *args), fragment)

@@ -87,6 +87,46 @@ def test_resume_refuses_a_changed_recipe_and_allows_more_epochs(tmp_path):
     assert json.loads((run / "summary.json").read_text())["epoch"] == 2
 
 
+def test_train_epochs_on_resume_never_rewrites_the_schedule_and_an_extension_is_recorded(tmp_path):
+    """An unfinished run keeps its length; a finished one is never shortened; extending a finished one is a new
+    schedule phase (warm-up + cosine from its old end), recorded in config.yaml and summary.json, and a table never
+    takes it for a run trained on the longer schedule from the start."""
+    import yaml
+
+    from configs.load import load_config, to_dict
+    from tables.plan import comparable
+
+    args = ["train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1"]
+    run = tmp_path / "tiny"
+    status, output = _run_until(["pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", *args)], "step 3 |",
+                                signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, output
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    longer = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=4", *args))
+    assert_user_error(longer, "it is at epoch 0 of 2")
+    assert "once finished, train.epochs=4 extends it" in longer.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", *args)).returncode == 0
+    finished = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", *args)), "not shortened")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == finished  # encoder.pt not rewritten
+
+    extended = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", *args))
+    assert extended.returncode == 0 and "its lr schedule starts again at epoch 2" in extended.stdout, extended.stderr
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if "train/lr" in r]
+    lr, per_epoch = {r["step"]: r["train/lr"] for r in records}, round(records[0]["step"] / records[0]["epoch"])
+    first = 2 * per_epoch + 1  # the new phase's first step: warm-up again, not a jump to the old peak
+    assert lr[first] == lr[1] < lr[2] and lr[first - 1] < lr[1]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["epochs"] == 3 and config["train"]["schedule_restarts"] == [2]
+    assert json.loads((run / "summary.json").read_text())["schedule_segments"] == [[0, 2], [2, 3]]
+    plain = load_config(tiny_run_args(tmp_path, "train.epochs=3", *args))
+    assert comparable(config, type(plain)) != comparable(to_dict(plain), type(plain))
+    again = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", *args))  # a requeue of the same job
+    assert again.returncode == 0 and "extend:" not in again.stdout
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["schedule_restarts"] == [2]
+
+
 def test_a_finished_run_without_checkpoints_is_not_trained_over(tmp_path, finished_run):
     import shutil
 
