@@ -45,6 +45,12 @@ class MetricsLog:
                 if line.strip() and _complete(line) and json.loads(line).get("step", 0) <= step]
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
+    def records(self, having: str = "") -> list[Dict[str, Any]]:
+        """Every complete record in the file (those holding the key ``having``, when given)."""
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        return [json.loads(line) for line in lines if having in line and _complete(line)
+                and (not having or having in json.loads(line))]
+
     def log(self, step: int, epoch: float, metrics: Dict[str, Any]) -> Dict[str, Any]:
         record = {"step": step, "epoch": epoch, **{k: _jsonable(v) for k, v in metrics.items()}}
         if self.enabled:

@@ -14,6 +14,9 @@ def embedding_stats(z1: torch.Tensor, z2: torch.Tensor) -> Dict[str, torch.Tenso
     pos_cos: mean cosine of positive pairs. neg_cos: mean cosine over all other pairs of the 2n views.
     align: mean squared distance of positive pairs on the sphere (lower is better).
     uniform: log mean exp(-2 squared distance) over pairs of view-1 embeddings (lower is more uniform).
+    z_std: lightly's ``std_of_l2_normalized`` (the per-dimension standard deviation of the unit embeddings over the
+    2n views, averaged over dimensions) times sqrt(d): about 1 when the views spread over the sphere, 0 when they
+    have collapsed to one point, whatever d is.
     """
     u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     n = u1.shape[0]
@@ -21,5 +24,6 @@ def embedding_stats(z1: torch.Tensor, z2: torch.Tensor) -> Dict[str, torch.Tenso
     total = torch.cat([u1, u2]).sum(dim=0).square().sum()  # sum of all (2n)^2 cosines, in O(n d)
     neg = (total - 2 * n - 2 * pos.sum()) / (4 * n * n - 4 * n)  # minus self-pairs and positive pairs
     sq_dists = torch.pdist(u1).square()
+    z_std = torch.cat([u1, u2]).std(dim=0).mean() * u1.shape[1] ** 0.5
     return {"pos_cos": pos.mean(), "neg_cos": neg, "align": (u1 - u2).square().sum(dim=1).mean(),
-            "uniform": sq_dists.mul(-2).exp().mean().log()}
+            "uniform": sq_dists.mul(-2).exp().mean().log(), "z_std": z_std}

@@ -18,7 +18,7 @@ from engine.checkpoint import CHECKPOINT_DIR, ENCODER_FILE
 from tables.plan import Plan, PlannedRun, comparable
 from tables.spec import PRETRAIN
 
-STATUS_ORDER = ("finished", "diverged", "unfinished")  # which of several matching runs speaks for a planned run
+STATUS_ORDER = ("finished", "collapsed", "diverged", "unfinished")  # which of several matching runs speaks for a planned run
 
 
 @dataclass
@@ -27,7 +27,7 @@ class RunRecord:
 
     kind: str  # "pretrain" | "evaluation"
     config: Dict[str, Any]  # comparable(config)
-    status: str  # finished | diverged | unfinished
+    status: str  # finished | collapsed (a finished pretraining whose embeddings collapsed) | diverged | unfinished
     values: Dict[str, Any] = field(default_factory=dict)  # summary.json (pretrain) or results.json (evaluation)
     where: str = ""  # run directory or W&B run path
     progress: str = ""  # for unfinished runs: how far they got
@@ -69,7 +69,7 @@ def _read_run_dir(run_dir: Path) -> Optional[RunRecord]:
     final = run_dir / ("results.json" if kind == "evaluation" else "summary.json")
     if final.is_file():
         record.values = json.loads(final.read_text())
-        record.status = record.values.get("status", "finished")
+        record.status = _status(record.values)
     else:
         record.progress = _progress(run_dir / "metrics.jsonl", config)
     return record
@@ -99,11 +99,17 @@ def wandb_records(api: Any, path: str, group: str) -> List[RunRecord]:
             continue
         summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
         done = "encoder_sha256" in summary if kind == PRETRAIN else "test/top1" in summary
-        status = summary.get("status") if summary.get("status") == "diverged" else "finished" if done else "unfinished"
+        status = _status(summary) if done or summary.get("status") == "diverged" else "unfinished"
         records.append(RunRecord(kind, typed, status, summary if status != "unfinished" else {},
                                  where=f"wandb:{path}/{run.id}", progress=f"W&B state {run.state}",
                                  checkpoint=str(config.get("checkpoint", ""))))
     return records
+
+
+def _status(final: Dict[str, Any]) -> str:
+    """finished | diverged | collapsed, from summary.json or results.json: a collapsed run counts for no cell."""
+    status = final.get("status", "finished")
+    return "collapsed" if status == "finished" and final.get("collapsed") else status
 
 
 def describe(record: Optional[RunRecord]) -> str:
@@ -112,6 +118,8 @@ def describe(record: Optional[RunRecord]) -> str:
         return "not run"
     if record.status == "diverged":
         return f"diverged at step {record.values.get('step', '?')}"
+    if record.status == "collapsed":
+        return f"collapsed (train/z_std {record.values.get('train/z_std', '?')})"
     if record.status == "unfinished":
         return f"unfinished ({record.progress})" if record.progress else "unfinished"
     return record.status

@@ -142,6 +142,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert summary["status"] == "diverged" and summary["step"] > 6 and summary["train/loss"] in ("nan", "inf")
 
 
+def test_collapsed_embeddings_are_detected_warned_once_and_recorded(tmp_path):
+    """SGD at base lr 1e6: weights explode, the loss stays finite and every view points the same way; the run used
+    to end as a plain success. The healthy twin (base lr 0.1) is not flagged."""
+    common = ["train.epochs=3", "eval.knn_every=0", "optim.name=sgd", "model.proj_dim=64"]
+    exploded = run_entry("pretrain.py", *tiny_run_args(tmp_path, *common, "optim.base_lr=1e6", "run.name=flat"))
+    healthy = run_entry("pretrain.py", *tiny_run_args(tmp_path, *common, "optim.base_lr=0.1", "run.name=fine"))
+    assert exploded.returncode == 0 and healthy.returncode == 0, exploded.stderr + healthy.stderr
+    assert exploded.stderr.count("warning: the embeddings look collapsed at step") == 1
+    assert "collapsed" not in healthy.stderr
+    flat, fine = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("flat", "fine"))
+    assert flat["collapsed"] is True and flat["train/z_std"] < 0.4 < fine["train/z_std"] and fine["collapsed"] is False
+    logged = [r["train/z_std"] for r in read_jsonl(tmp_path / "flat" / "metrics.jsonl") if "train/z_std" in r]
+    assert len(logged) == 9 and all(0 <= v <= 1 for v in logged)  # every train.log_every=2 steps and epoch end
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_step_never_waits_for_the_gpu():

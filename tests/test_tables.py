@@ -46,3 +46,23 @@ def test_every_planned_run_resolves_through_the_config_loader():
     for run in plan.runs:
         schema = PretrainConfig if run.stage == "pretrain" else FinetuneConfig
         assert comparable(run.expected, schema) == run.expected  # already in comparable form
+
+
+def test_a_collapsed_pretraining_counts_for_no_cell(tmp_path):
+    """summary.json's "collapsed" (pretrain.py's embedding-collapse check) makes the run speak as collapsed, like a
+    diverged one: its number is not averaged into a cell and evaluations of its encoder wait on it."""
+    import json
+
+    import yaml
+
+    from tables.collect import describe, scan_run_dirs
+
+    for name, collapsed in (("fine", False), ("flat", True)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump(to_dict(PretrainConfig())))
+        (run / "summary.json").write_text(json.dumps({"status": "finished", "knn/top1": 11.0, "train/z_std": 0.12,
+                                                      "collapsed": collapsed, "encoder_sha256": name}))
+    records = {r.where.rsplit("/", 1)[-1]: r for r in scan_run_dirs(tmp_path)}
+    assert records["fine"].status == "finished" and records["flat"].status == "collapsed"
+    assert describe(records["flat"]) == "collapsed (train/z_std 0.12)"
