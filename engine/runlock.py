@@ -3,7 +3,9 @@
 ``<run_dir>/.lock`` is created exclusively (O_EXCL, which shared file systems honour) and holds the holder's host,
 pid and start time; a thread touches it every HEARTBEAT_S seconds. A lock is left behind by a dead process when its
 holder is on this host and that pid is gone, or when its heartbeat is older than STALE_S (a holder on another node
-that died with its node): such a lock is taken over, so a rerun is never blocked by a crash.
+that died with its node): such a lock is taken over, so a rerun is never blocked by a crash. A lock file that cannot
+be read (left empty by a kill or a full disk between its creation and its first write, or holding anything but the
+holder's record) is a dead holder's once it has not changed for STALE_S; younger, it may be being written.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,17 +37,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read(path: Path) -> Optional[tuple[dict, float]]:
-    """(holder info, seconds since the last heartbeat), or None if the lock vanished or is half written."""
+WRITING_S = 5.0  # an unreadable lock younger than this is probably being written: look again
+
+
+def _read(path: Path) -> Optional[tuple[Optional[dict], float]]:
+    """(holder info, or None when the file is not a holder's record; seconds since the last change), or None if the
+    lock is gone."""
     try:
-        return json.loads(path.read_text()), time.time() - path.stat().st_mtime
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        text, age = path.read_bytes(), time.time() - path.stat().st_mtime
+    except FileNotFoundError:
         return None
+    try:
+        holder = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, age
+    valid = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str)
+    return (holder if valid else None), age
 
 
-def _abandoned(holder: dict, age: float) -> bool:
-    if holder.get("host") == socket.gethostname():
-        return not _pid_alive(int(holder.get("pid", -1)))
+def _abandoned(holder: Optional[dict], age: float) -> bool:
+    if holder is not None and holder["host"] == socket.gethostname():
+        return not _pid_alive(holder["pid"])
     return age > STALE_S
 
 
@@ -60,20 +73,23 @@ class RunLock:
     def acquire(self) -> Optional[str]:
         """Take the lock; None when held, else why not (the holder)."""
         self.created = [d for d in (self.run_dir, *self.run_dir.parents) if not d.exists()]  # removed if left empty
-        for _ in range(5):
+        for attempt in range(5):
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
                 found = _read(self.path)
-                if found is None:  # being written or removed right now: look again
-                    time.sleep(0.2)
+                if found is None:  # removed right now: look again
                     continue
                 holder, age = found
+                if holder is None and age < WRITING_S and attempt < 4:  # probably being written: look again
+                    time.sleep(WRITING_S / 4)
+                    continue
                 if not _abandoned(holder, age):
-                    return (f"run directory {str(self.run_dir)!r} is in use by pid {holder.get('pid')} on "
-                            f"{holder.get('host')} (since {holder.get('started')}, alive {age:.0f} s ago); wait for "
-                            f"it, or remove {self.path} if that process is gone")
+                    return self._in_use(holder, age)
+                if holder is None:
+                    print(f"note: taking over the lock {self.path}: it cannot be read (empty or not a holder's "
+                          f"record) and has not changed for {age:.0f} s", file=sys.stderr, flush=True)
                 with contextlib.suppress(FileNotFoundError):  # a dead holder's lock: take it over
                     os.replace(self.path, self.path.with_name(f"{LOCK_NAME}.abandoned-{os.getpid()}"))
                     os.unlink(self.path.with_name(f"{LOCK_NAME}.abandoned-{os.getpid()}"))
@@ -85,6 +101,14 @@ class RunLock:
             threading.Thread(target=self._heartbeat, daemon=True).start()
             return None
         return f"could not take the lock {self.path} (it keeps changing); try again"
+
+    def _in_use(self, holder: Optional[dict], age: float) -> str:
+        if holder is None:
+            return (f"the lock {self.path} cannot be read (empty or not a holder's record) and changed {age:.0f} s "
+                    f"ago; it is taken over once it is {STALE_S:.0f} s old, or remove it if no job uses this run")
+        return (f"run directory {str(self.run_dir)!r} is in use by pid {holder['pid']} on {holder['host']} "
+                f"(since {holder.get('started')}, alive {age:.0f} s ago); wait for it, or remove {self.path} if that "
+                "process is gone")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

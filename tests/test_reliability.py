@@ -297,6 +297,26 @@ def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(tmp_path):
     assert not lock.exists()
 
 
+@pytest.mark.parametrize("content", [b"", b'{"host": "n1", "pid": "abc"}', b"[1, 2]", b"\xff\xfe"])
+def test_an_unreadable_lock_is_taken_over_once_stale_and_refused_while_fresh(tmp_path, content):
+    """A job killed (or out of disk) between creating .lock and writing it leaves it empty; malformed holders were
+    tracebacks. Fresh, such a lock may be being written: refused with the reason. Stale: taken over, saying so."""
+    run = tmp_path / "tiny"
+    run.mkdir()
+    lock = run / ".lock"
+    lock.write_bytes(content)
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    fresh = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert_user_error(fresh, "cannot be read (empty or not a holder's record) and changed 6")
+    assert "s ago; it is taken over once it is 180 s old" in fresh.stderr
+    assert lock.read_bytes() == content
+    os.utime(lock, (time.time() - 600, time.time() - 600))  # ten minutes untouched
+    stale = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert stale.returncode == 0, stale.stderr
+    assert re.search(r"note: taking over the lock .*: it cannot be read .* has not changed for 6\d\d s", stale.stderr)
+    assert not lock.exists() and (run / "encoder.pt").is_file()
+
+
 def test_wandb_without_network_decides_within_seconds(tmp_path):
     """A W&B server that accepts connections and never answers (127.0.0.1 only): auto falls back to offline and the
     run completes; online stops with an error line before any training."""
