@@ -51,7 +51,7 @@ def main(argv: Sequence[str]) -> dict:
     # ---------------------------------------------------------------- write (to a temporary name), read back, check
     if cfg.check_only:
         return check_existing(out, cfg, model, images)
-    meta = metadata(encoder_file, classes, cfg.format)
+    meta = metadata(encoder_file, classes, cfg.format, image_size=images.shape[-1])
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         write_export(model, cfg.format, tmp, images[:2], meta)

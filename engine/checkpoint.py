@@ -107,12 +107,18 @@ def encoder_from_state(state: dict, path: Path) -> EncoderFile:
                         f"(keys: {', '.join(sorted(map(str, state))[:6])})")
     if not encoder_state:
         raise UserError(f"{str(path)!r} holds no encoder weights")
-    broken = [k for k, t in encoder_state.items() if torch.is_tensor(t) and t.is_floating_point()
-              and not bool(t.isfinite().all())]
-    if broken:  # a diverged run's weights: evaluating them would report chance accuracy as a result
-        raise UserError(f"{str(path)!r} holds non-finite encoder weights (NaN or inf in {', '.join(broken[:3])}"
-                        f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); it is not evaluated")
+    refuse_non_finite(encoder_state, "encoder", path)
     return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize)
+
+
+def refuse_non_finite(state: dict, what: str, path: Path) -> None:
+    """A UserError naming the tensors of ``state`` that hold NaN or inf: a diverged run's weights, which evaluating,
+    exporting or explaining would turn into chance-level results presented as real ones."""
+    broken = [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point()
+              and not bool(t.isfinite().all())]
+    if broken:
+        raise UserError(f"{str(path)!r} holds non-finite {what} weights (NaN or inf in {', '.join(broken[:3])}"
+                        f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); it is not used")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -146,6 +152,8 @@ class ClassifierFile:
 def read_classifier(spec: str) -> ClassifierFile:
     """Read an evaluation run directory's classifier.pt (or the file itself)."""
     path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"{spec!r} does not exist")
     path = path / CLASSIFIER_FILE if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"{spec!r} holds no {CLASSIFIER_FILE}: only linear and finetune evaluations write one "
@@ -153,7 +161,9 @@ def read_classifier(spec: str) -> ClassifierFile:
     state = load_file(path, "classifier")
     if not isinstance(state.get("head"), dict) or "classes" not in state:
         raise UserError(f"{str(path)!r} is not a classifier.pt (no head or classes)")
-    return ClassifierFile(encoder_from_state(state, path), state["head"], list(state["classes"]))
+    encoder = encoder_from_state(state, path)
+    refuse_non_finite(state["head"], "classifier head", path)
+    return ClassifierFile(encoder, state["head"], list(state["classes"]))
 
 
 def read_trained(spec: str) -> tuple[EncoderFile, Optional[ClassifierFile]]:

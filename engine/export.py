@@ -1,12 +1,15 @@
 """Deployable models and their exports: TorchScript, ONNX (dynamic batch) and safetensors (weights plus the metadata
 that rebuilds the module), each read back and checked against the eager model.
 
-The input contract of every export (``INPUT_CONTRACT``): uint8 images [N, 3, 32, 32], RGB, 0..255, any N; the
-normalization the encoder was trained with happens inside, so a deployment needs no constants from this repository.
+The input contract of every export (:func:`input_contract`): uint8 images [N, 3, S, S] at the encoder's image size,
+RGB, 0..255, any N; the normalization the encoder was trained with happens inside, so a deployment needs no constants
+from this repository. Every format is serialized in memory and written atomically (``core.files.atomic_write``): a
+full disk is an OSError and leaves no partial file, and files get the umask's permissions.
 The output is features [N, D] (a pretraining run's encoder) or logits [N, C] (an evaluation run's encoder + head).
 """
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -17,11 +20,11 @@ from torch import nn
 
 from augment import NORMALIZATIONS
 from core.errors import UserError
+from core.files import atomic_write
 from core.names import EXPORT_FORMATS
 from engine.checkpoint import EncoderFile, load_strict
 from models import create_encoder
 
-INPUT_CONTRACT = "uint8 [N, 3, 32, 32] RGB 0-255, any N; normalization inside"
 METADATA_KEY = "simclr_cifar"  # where each format keeps the JSON metadata (TorchScript extra file, ONNX property)
 # What each format needs beyond torch (setup.cfg's [export] extra)
 REQUIREMENTS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors",), "torchscript": ()}
@@ -58,11 +61,15 @@ def build_deployable(encoder_file: EncoderFile, head: Optional[dict] = None) -> 
     return Deployable(encoder, *NORMALIZATIONS[encoder_file.normalize], head=linear).eval()
 
 
-def metadata(encoder_file: EncoderFile, classes: Optional[list[str]], fmt: str) -> dict:
+def input_contract(image_size: int) -> str:
+    return f"uint8 [N, 3, {image_size}, {image_size}] RGB 0-255, any N; normalization inside"
+
+
+def metadata(encoder_file: EncoderFile, classes: Optional[list[str]], fmt: str, image_size: int) -> dict:
     """What an export records about itself: enough to rebuild it (safetensors) and to feed it correctly."""
     return {"format": fmt, "kind": "classifier" if classes else "encoder", "arch": encoder_file.arch,
             "width": encoder_file.width, "normalize": encoder_file.normalize, "classes": classes,
-            "input": INPUT_CONTRACT, "output": "logits [N, C]" if classes else "features [N, D]",
+            "input": input_contract(image_size), "output": "logits [N, C]" if classes else "features [N, D]",
             "source": str(encoder_file.path)}
 
 
@@ -77,34 +84,38 @@ def check_requirements(fmt: str) -> None:
 
 @torch.no_grad()
 def write_export(module: Deployable, fmt: str, path: Path, example: torch.Tensor, meta: dict) -> None:
-    """Write ``module`` to ``path`` in ``fmt``; ``example``: uint8 images [n, 3, 32, 32] to trace with."""
-    text = json.dumps(meta)
+    """Write ``module`` to ``path`` in ``fmt`` (atomically); ``example``: uint8 images [n, 3, S, S] to trace with."""
+    atomic_write(path, serialize(module, fmt, example, json.dumps(meta), bool(meta["classes"])))
+
+
+def serialize(module: Deployable, fmt: str, example: torch.Tensor, meta_text: str, classifier: bool) -> bytes:
+    """The export's bytes, built in memory (torch.jit.save into a full file system aborts the interpreter)."""
     if fmt == "torchscript":
         # ignored: tracer warnings about Python values in timm's shape checks, and torch's notice that TorchScript
         # is deprecated in favour of torch.export (asked for by name here; deployments still load it)
+        buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.jit.save(torch.jit.trace(module, (example,)), str(path),
-                           _extra_files={f"{METADATA_KEY}.json": text})
-    elif fmt == "onnx":
+            torch.jit.save(torch.jit.trace(module, (example,)), buffer,
+                           _extra_files={f"{METADATA_KEY}.json": meta_text})
+        return buffer.getvalue()
+    if fmt == "onnx":
         import onnx
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(path), input_names=["images"],
-                              output_names=["logits" if meta["classes"] else "features"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-                              external_data=False)
-        model = onnx.load(str(path))
-        onnx.helper.set_model_props(model, {METADATA_KEY: text})
-        onnx.save(model, str(path))
-    elif fmt == "safetensors":
-        from safetensors.torch import save_file
+            program = torch.onnx.export(module, (example,), None, input_names=["images"],
+                                        output_names=["logits" if classifier else "features"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+        model = program.model_proto
+        onnx.helper.set_model_props(model, {METADATA_KEY: meta_text})
+        return model.SerializeToString()
+    if fmt == "safetensors":
+        from safetensors.torch import save
 
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(path), metadata={METADATA_KEY: text})
-    else:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+        return save(state, metadata={METADATA_KEY: meta_text})
+    raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
 
 def load_export(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:

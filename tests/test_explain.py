@@ -137,7 +137,7 @@ def test_explain_misuse_is_refused_and_nothing_is_overwritten(evaluated_run, pre
     cases = [
         ([f"checkpoint={evaluated_run}"], "gradcam.png' already exists"),
         ([f"checkpoint={pretrained_run}"], "holds no classifier.pt"),
-        ([f"checkpoint={tmp_path / 'missing'}"], "holds no classifier.pt"),
+        ([f"checkpoint={tmp_path / 'missing'}"], "missing' does not exist"),
         ([f"checkpoint={evaluated_run}", "method=lime"], "method='lime' is not one of auto, gradcam, attention"),
     ]
     for args, fragment in cases:

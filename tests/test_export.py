@@ -122,7 +122,7 @@ def test_vit_encoder_exports_with_a_dynamic_batch(tmp_path):
     images = torch.randint(0, 256, (9, 3, 32, 32), dtype=torch.uint8)
     for fmt in ("torchscript", "onnx"):
         path = tmp_path / f"vit.{fmt}"
-        write_export(model, fmt, path, images[:2], metadata(source, None, fmt))
+        write_export(model, fmt, path, images[:2], metadata(source, None, fmt, image_size=32))
         assert max_relative_error(load_export(path, fmt), model, images, batch_sizes=(1, 5)) <= TOLERANCE
 
 
@@ -142,3 +142,73 @@ def test_bad_export_requests_are_refused_and_nothing_is_overwritten(evaluated_ru
         assert_user_error_here(capsys, export_entry.main, args, fragment)
     assert existing.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]
+
+
+def test_export_files_follow_the_umask_and_record_the_image_size(evaluated_run, tmp_path):
+    """safetensors used to create its file 0600 under umask 022; the record named 32x32 whatever the encoder."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for fmt in ("torchscript", "onnx", "safetensors"):
+        out = tmp_path / f"model.{fmt}"
+        result = subprocess.run([sys.executable, str(REPO / "export.py"), f"checkpoint={evaluated_run}",
+                                 f"format={fmt}", f"out={out}", "data.name=synthetic", "check_images=16"],
+                                capture_output=True, text=True, preexec_fn=lambda: os.umask(0o022))
+        assert result.returncode == 0, result.stderr
+        assert oct(out.stat().st_mode & 0o777) == oct(0o644), fmt
+    source = read_trained(str(evaluated_run))[0]
+    assert metadata(source, None, "onnx", image_size=64)["input"].startswith("uint8 [N, 3, 64, 64]")
+
+
+def test_an_export_onto_a_full_disk_is_an_error_line_and_leaves_nothing(evaluated_run, tmp_path):
+    """torch.jit.save into a full file system aborted the interpreter (a C++ stack, exit -6) and left its temporary
+    file filling the disk. A real 64 kB tmpfs where mount is allowed, else a file-size limit (the same write error)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    target = tmp_path / "small"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)],
+                             capture_output=True).returncode == 0
+
+    def limit():  # without tmpfs: writes past 64 kB fail (EFBIG) instead of filling a disk
+        if not mounted:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    try:
+        for fmt in ("torchscript", "onnx", "safetensors"):
+            result = subprocess.run([sys.executable, str(REPO / "export.py"), f"checkpoint={evaluated_run}",
+                                     f"format={fmt}", f"out={target / ('model.' + fmt)}", "data.name=synthetic",
+                                     "check_images=16"], capture_output=True, text=True, preexec_fn=limit)
+            assert_user_error(result, "No space left on device" if mounted else "File too large")
+            assert list(target.iterdir()) == [], fmt  # no export, no temporary file
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_a_classifier_with_non_finite_weights_is_neither_exported_nor_explained(evaluated_run, tmp_path, capsys):
+    import shutil
+
+    import explain as explain_entry
+
+    broken = tmp_path / "broken"
+    shutil.copytree(evaluated_run, broken)
+    state = torch.load(broken / "classifier.pt", weights_only=True)
+    state["head"]["weight"][0, 0] = float("nan")
+    torch.save(state, broken / "classifier.pt")
+    fragment = "holds non-finite classifier head weights (NaN or inf in weight)"
+    assert_user_error_here(capsys, export_entry.main, [f"checkpoint={broken}", "format=onnx",
+                                                       f"out={tmp_path / 'm.onnx'}", "data.name=synthetic"], fragment)
+    assert_user_error_here(capsys, explain_entry.main, [f"checkpoint={broken}", "data.name=synthetic", "device=cpu",
+                                                        "wandb.mode=disabled", f"out={tmp_path / 'g.png'}"], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
