@@ -215,11 +215,12 @@ def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int
 
 
 def online_classifier_group(cfg: PretrainConfig) -> Optional[dict]:
-    """The online classifier's own parameter group: its lr (eval.online_lr, scaled by batch like optim.base_lr)
-    follows the same warm-up + cosine shape; no weight decay, no LARS adaptation (solo-learn's set-up)."""
+    """The online classifier's own parameter group, solo-learn's set-up: its lr (eval.online_lr, scaled by batch like
+    optim.base_lr) follows the same warm-up + cosine shape, no weight decay; under LARS its weight matrix is adapted
+    with the run's trust coefficient and clipping (optim.lars_*), its bias is not."""
     if not cfg.eval.online_linear:
         return None
-    return {"classifier.": {"weight_decay": 0.0, "always_adapt": False,
+    return {"classifier.": {"weight_decay": 0.0, "always_adapt": True,
                             "lr_scale": cfg.eval.online_lr / cfg.optim.base_lr}}
 
 

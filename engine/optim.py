@@ -48,7 +48,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_bias: bool
     decayed group instead, as plain ``SGD(model.parameters(), weight_decay=...)`` does in dkobak's and lightly's code).
 
     own_groups: parameter-name prefix -> options of a group of its own (e.g. ``{"classifier.": {"weight_decay": 0.0,
-    "lr_scale": 2.0}}``); those parameters join no other group. Empty groups are left out.
+    "lr_scale": 2.0}}``); those parameters join no other group. Their 1-d parameters (biases) form a twin group that
+    LARS never adapts, as solo-learn's LARS excludes biases and norms. Empty groups are left out.
     """
     own_groups = dict(own_groups or {})
     decay, no_decay, own = [], [], {prefix: [] for prefix in own_groups}
@@ -66,8 +67,10 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_norm_bias: bool
             (no_decay if (p.ndim <= 1 or name in skip) and not decay_norm_bias else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "always_adapt": True},
               {"params": no_decay, "weight_decay": 0.0, "always_adapt": False}]
-    groups += [{"weight_decay": 0.0, "always_adapt": False, **own_groups[prefix], "params": params}
-               for prefix, params in own.items()]
+    for prefix, params in own.items():
+        options = {"weight_decay": 0.0, "always_adapt": False, **own_groups[prefix]}
+        groups += [{**options, "params": [p for p in params if p.ndim > 1]},
+                   {**options, "always_adapt": False, "params": [p for p in params if p.ndim <= 1]}]
     return [g for g in groups if g["params"]]
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from timm.optim import Lars
 
-from engine.optim import create_optimizer, effective_lr, lr_at, param_groups
+from engine.optim import create_optimizer, effective_lr, lr_at, param_groups, restarted_lr_at, set_lr
 from models import create_encoder, projection_head
 
 
@@ -73,8 +73,44 @@ def test_own_group_takes_its_prefix_and_set_lr_scales_it():
     model = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "classifier": torch.nn.Linear(4, 2)})
     opt = create_optimizer("sgd", model, lr=1.0, weight_decay=1e-4,
                            own_groups={"classifier.": {"weight_decay": 0.0, "lr_scale": 0.25}})
-    decay, no_decay, own = opt.param_groups
-    assert own["params"] == [model["classifier"].weight, model["classifier"].bias] and own["weight_decay"] == 0.0
+    decay, no_decay, own, own_bias = opt.param_groups
+    assert own["params"] == [model["classifier"].weight] and own_bias["params"] == [model["classifier"].bias]
+    assert own["weight_decay"] == own_bias["weight_decay"] == 0.0 and own_bias["lr_scale"] == 0.25
     assert decay["params"] == [model["body"].weight] and no_decay["params"] == [model["body"].bias]
     set_lr(opt, 0.4)
-    assert (decay["lr"], no_decay["lr"], own["lr"]) == (0.4, 0.4, 0.1)
+    assert (decay["lr"], no_decay["lr"], own["lr"], own_bias["lr"]) == (0.4, 0.4, 0.1, 0.1)
+
+
+def test_online_classifier_under_lars_steps_as_solo_learn():
+    """solo-learn (solo/utils/lars.py, scripts/pretrain/cifar/simclr.yaml: eta 0.02, clip_lr, exclude_bias_n_norm)
+    passes the online classifier through its LARS with weight decay 0: the weight's step is lr x min(eta |w| / (|g| lr),
+    1) x g, the bias a plain SGD step at the classifier's lr. Written out here from their code, one step."""
+    from configs.load import load_config
+    from pretrain import build_model, build_optimizer
+
+    cfg = load_config(["model.width=4", "eval.online_linear=true", "eval.online_lr=0.1", "optim.base_lr=0.4",
+                       "optim.lars_trust_coeff=0.02", "optim.lars_trust_clip=true", "train.batch_size=256",
+                       "optim.weight_decay=1e-4"])
+    model = build_model(cfg, torch.device("cpu"), num_classes=10)
+    optimizer, _ = build_optimizer(cfg, model, steps_per_epoch=10)
+    lr = 0.1  # eval.online_lr x 256 / 256: the classifier's lr
+    set_lr(optimizer, 0.4)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    w, b = model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone()
+    gw, gb = model.classifier.weight.grad.clone(), model.classifier.bias.grad.clone()
+    optimizer.step()
+    ratio = min(0.02 * w.norm().item() / (gw.norm().item() + 1e-8) / lr, 1.0)
+    torch.testing.assert_close(model.classifier.weight.detach(), w - lr * ratio * gw)
+    torch.testing.assert_close(model.classifier.bias.detach(), b - lr * gb)
+    assert ratio < 1  # the adaptation did something
+
+
+def test_a_restarted_schedule_runs_each_segment_as_a_run_of_its_own():
+    schedule = dict(peak_lr=1.0, warmup_steps=2, min_lr=0.0)
+    whole = [lr_at(s, total_steps=10, **schedule) for s in range(10)]
+    extended = [restarted_lr_at(s, restart_steps=[10], total_steps=16, **schedule) for s in range(16)]
+    assert extended[:10] == whole
+    assert extended[10:] == [lr_at(s, total_steps=6, **schedule) for s in range(6)]  # warm-up again, then cosine
+    assert restarted_lr_at(3, restart_steps=[], total_steps=10, **schedule) == whole[3]
