@@ -153,8 +153,8 @@ def sample_jitter(n: int, strength: float, prob: float, g: Optional[torch.Genera
     uniform position for hue: 3! x 4 = 24 equally likely orders, the same distribution as ``torch.randperm(4)``.
     """
     b, h = 0.8 * strength, 0.2 * strength
-    factors = torch.rand(n, 3, generator=g, device=device) * (2 * b) + (1 - b)
-    factors = factors.clamp(min=0)  # torchvision's range starts at max(0, 1 - b); equal in law after clamping only
+    low = max(0.0, 1 - b)  # torchvision's range [max(0, 1 - b), 1 + b]: above b = 1 a clamp would pile mass on 0
+    factors = torch.rand(n, 3, generator=g, device=device) * (1 + b - low) + low
     hue = torch.rand(n, generator=g, device=device) * (2 * h) - h
     blend_order = torch.rand(n, 3, generator=g, device=device).argsort(dim=1)
     hue_position = torch.randint(0, 4, (n,), generator=g, device=device)

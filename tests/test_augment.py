@@ -113,8 +113,9 @@ def test_fallback_is_the_centre_crop():
     assert torch.equal(boxes, torch.tensor([[0.0, 0.0, 32.0, 32.0]]).expand(64, 4))
 
 
-def test_jitter_parameters_follow_color_jitter():
-    n, s = 4000, 0.5
+@pytest.mark.parametrize("s", [0.5, 1.0, 2.0, 2.5])  # above 1.25 the brightness range 0.8 s passes 1
+def test_jitter_parameters_follow_color_jitter(s):
+    n = 4000
     torch.manual_seed(0)
     jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
     draws = [jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for _ in range(n)]
