@@ -19,7 +19,7 @@ from configs.load import load_config, recipe_changes, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from data import load_source, split_labeled
 from core import dist
-from core.files import atomic_save
+from core.files import atomic_save, write_text_atomic
 from engine.checkpoint import (CLASSIFIER_FILE, EncoderFile, classifier_state, last_checkpoint, load_file, load_strict,
                                read_encoder, sha256_of)
 from engine.cli import UserError, run_cli
@@ -76,9 +76,10 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     # ---------------------------------------------------------------- evaluate
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     wandb_run = start_wandb(wandb_cfg, job_type=cfg.eval.mode, config=to_dict(cfg), run_dir=run_dir,
                             enabled=dist.is_main(), **run_facts(device))
+    if dist.is_main():  # after W&B started: a failed start leaves no config.yaml behind
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     metrics.truncate_after(resume["step"] if resume else -1)  # an unfinished evaluation continues or starts over
     if wandb_run is not None and source is not None:
@@ -119,6 +120,13 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
     if cfg.eval.explain and cfg.eval.mode == "knn":
         raise UserError("eval.explain needs a trained head: eval.mode=linear or finetune, not knn")
+    mixing = cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
+    if cfg.train.mix_prob != 1.0 and not mixing:
+        raise UserError(f"train.mix_prob={cfg.train.mix_prob} has no effect without train.mixup_alpha or "
+                        "train.cutmix_alpha > 0")
+    if cfg.train.cutmix_switch_prob != 0.5 and not (cfg.train.mixup_alpha > 0 and cfg.train.cutmix_alpha > 0):
+        raise UserError(f"train.cutmix_switch_prob={cfg.train.cutmix_switch_prob} chooses between MixUp and CutMix: "
+                        "it needs both train.mixup_alpha and train.cutmix_alpha > 0")
     if cfg.train.ema_decay >= 1:
         raise UserError(f"train.ema_decay={cfg.train.ema_decay} must be < 1 (1 would never move from the first weights)")
     if cfg.eval.mode == "finetune":

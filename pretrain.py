@@ -26,8 +26,8 @@ from configs.load import from_dict, load_config, recipe_changes, to_dict, to_yam
 from configs.schema import PretrainConfig
 from data import EpochSampler, load_source, seeded_generator, split_train_val
 from core import dist
-from core.files import atomic_save, write_json
-from engine.checkpoint import ENCODER_FILE, last_checkpoint, load_file, load_strict, sha256_of
+from core.files import atomic_save, write_json, write_text_atomic
+from engine.checkpoint import ENCODER_FILE, last_checkpoint, load_file, load_strict, refuse_non_finite, sha256_of
 from engine.cli import Diverged, Stopped, UserError, run_cli
 from core.device import resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
@@ -280,13 +280,15 @@ class RunRecords:
 
 def open_records(cfg: PretrainConfig, run_dir: Path, wandb_cfg, resume: Optional[dict], steps_per_epoch: int,
                  device: torch.device) -> RunRecords:
-    """config.yaml, the W&B run (the same one on resume) and metrics.jsonl of the run directory."""
+    """The W&B run (the same one on resume), config.yaml and metrics.jsonl of the run directory. W&B starts first:
+    a run whose W&B start fails leaves no config.yaml (tables would list it as a started run)."""
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     wandb_run = start_wandb(wandb_cfg, job_type="pretrain", config=to_dict(cfg), run_dir=run_dir,
                             run_id=resume.get("wandb_run_id") if resume else None, enabled=dist.is_main(),
                             **run_facts(device))
+    if dist.is_main():
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
     return RunRecords(cfg, run_dir, metrics, wandb_run, steps_per_epoch)
 
@@ -532,6 +534,8 @@ def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> tuple[Optional[dict
     state = load_file(path)
     if "model" not in state or "config" not in state:
         raise UserError(f"{str(path)!r} is not a pretraining checkpoint (no model/config)")
+    refuse_non_finite(state["model"], "model", path, "a run cannot continue from it: resume from an earlier checkpoint "
+                      "(run.resume=PATH) or start a new run with another run.name")
     changed = recipe_changes(state["config"], cfg, PretrainConfig,
                              also_allowed=("train.epochs", "train.schedule_restarts"))  # resumed_config checks them
     if changed:

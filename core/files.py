@@ -32,6 +32,18 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, memoryview]) -> None
         raise
 
 
+def remove_stale_temporaries(directory: Union[str, Path]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves when killed mid-write (``.<name>.*.tmp``) in
+    ``directory`` and its subdirectories; call it only while holding the directory (its run lock): then no writer is
+    using them. Returns what was removed."""
+    removed = []
+    for tmp in Path(directory).rglob(".*.tmp") if Path(directory).is_dir() else []:
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
     os.umask(mask)

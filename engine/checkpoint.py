@@ -111,14 +111,14 @@ def encoder_from_state(state: dict, path: Path) -> EncoderFile:
     return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize)
 
 
-def refuse_non_finite(state: dict, what: str, path: Path) -> None:
+def refuse_non_finite(state: dict, what: str, path: Path, consequence: str = "it is not used") -> None:
     """A UserError naming the tensors of ``state`` that hold NaN or inf: a diverged run's weights, which evaluating,
     exporting or explaining would turn into chance-level results presented as real ones."""
     broken = [k for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point()
               and not bool(t.isfinite().all())]
     if broken:
         raise UserError(f"{str(path)!r} holds non-finite {what} weights (NaN or inf in {', '.join(broken[:3])}"
-                        f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); it is not used")
+                        f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}); {consequence}")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 
 from core import dist
 from core.errors import UserError
+from core.files import remove_stale_temporaries
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0  # seconds between touches of a held lock
@@ -136,6 +137,8 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
     problem = dist.broadcast_object(problem)
     if problem:
         raise UserError(problem)
+    if dist.is_main():  # the lock is ours: a temporary file in the run directory is a killed writer's leftover
+        remove_stale_temporaries(run_dir)
     try:
         yield
     finally:

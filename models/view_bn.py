@@ -18,7 +18,8 @@ class PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     Statistics are computed in fp32 (fp64 stays fp64) as one expression over a [2, B, C, ...] view of the input:
     no split and concatenation of the batch. The running statistics take the first view's statistics, then the
-    second's, as two forward passes would. The state dict is BatchNorm1d's / BatchNorm2d's.
+    second's, as two forward passes would (``momentum=None``: the cumulative average, as batch norm keeps it). The
+    state dict is BatchNorm1d's / BatchNorm2d's.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -33,16 +34,19 @@ class PerViewBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [1] + list(range(3, views.dim()))  # per view and channel
         var, mean = torch.var_mean(views, dim=dims, correction=0, keepdim=True)  # [2, 1, C, 1, 1]
         shape = (1, 1, -1) + (1,) * (views.dim() - 3)
-        scale = torch.rsqrt(var + self.eps) * self.weight.view(shape)
-        y = (views - mean) * scale + self.bias.view(shape)
+        scale = torch.rsqrt(var + self.eps)
+        y = (views - mean) * (scale * self.weight.view(shape) if self.affine else scale)
+        y = y + self.bias.view(shape) if self.affine else y
         if self.track_running_stats:
             with torch.no_grad():
                 count = views[0].numel() // views.shape[2]  # values per channel in one view
                 for v in range(2):
                     self.num_batches_tracked.add_(1)
-                    self.running_mean.lerp_(mean[v].flatten().to(self.running_mean.dtype), self.momentum)
+                    # momentum None: the cumulative average, weight 1 / batches seen (a tensor: no host sync)
+                    weight = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+                    self.running_mean.lerp_(mean[v].flatten().to(self.running_mean.dtype), weight)
                     unbiased = var[v].flatten() * count / max(count - 1, 1)
-                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+                    self.running_var.lerp_(unbiased.to(self.running_var.dtype), weight)
         return y.flatten(0, 1).to(x.dtype)
 
 

@@ -166,6 +166,9 @@ def test_layer_decay_scales_vit_blocks_geometrically_and_keeps_the_head_at_the_f
     (["eval.mode=finetune", "optim.layer_decay=0.7"], "optim.layer_decay applies to ViTs"),
     (["eval.mode=finetune", "train.ema_decay=1.0"], "train.ema_decay=1.0 must be < 1"),
     (["eval.mode=finetune", "train.mix_prob=1.5"], "train.mix_prob=1.5 is out of range"),
+    (["eval.mode=finetune", "train.mix_prob=0.5"], "train.mix_prob=0.5 has no effect without"),
+    (["eval.mode=finetune", "train.mixup_alpha=0.8", "train.cutmix_switch_prob=0.9"],
+     "train.cutmix_switch_prob=0.9 chooses between MixUp and CutMix: it needs both"),
 ])
 def test_toolkit_misuse_is_refused_before_anything_runs(tmp_path, args, fragment):
     with pytest.raises(UserError, match=fragment.replace(".", r"\.")):

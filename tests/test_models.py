@@ -180,3 +180,20 @@ def test_every_configurable_name_has_an_implementation():
     z = torch.randn(4, 8)
     assert all(torch.isfinite(nt_xent(z, z.flip(0), 0.5, impl=impl)) for impl in LOSS_IMPLS)
     assert all(create_optimizer(name, torch.nn.Linear(2, 2), lr=0.1, weight_decay=0.0) for name in OPTIMIZERS)
+
+
+@pytest.mark.parametrize("momentum, affine", [(None, True), (0.1, False)])
+def test_per_view_batch_norm_keeps_cumulative_averages_and_runs_without_affine(momentum, affine):
+    """momentum=None (the cumulative moving average) failed; affine=False too. Three steps, two views each."""
+    from models.view_bn import PerViewBatchNorm
+
+    torch.manual_seed(0)
+    ours = PerViewBatchNorm(3, momentum=momentum, affine=affine).double()
+    theirs = torch.nn.BatchNorm2d(3, momentum=momentum, affine=affine).double()
+    for _ in range(3):
+        x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+        out = ours(x)
+        torch.testing.assert_close(out, torch.cat([theirs(x[:4]), theirs(x[4:])]))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 6

@@ -317,6 +317,39 @@ def test_an_unreadable_lock_is_taken_over_once_stale_and_refused_while_fresh(tmp
     assert not lock.exists() and (run / "encoder.pt").is_file()
 
 
+def test_leftovers_of_a_killed_writer_are_cleaned_and_a_nan_checkpoint_is_refused_at_once(tmp_path, finished_run):
+    """kill -9 during a checkpoint write leaves .last.pt.*.tmp: removed once the lock is ours. A checkpoint holding
+    NaN weights (written after a divergence by older code, or damaged) used to cost an epoch before the run stopped."""
+    import shutil
+
+    run = tmp_path / "tiny"
+    shutil.copytree(finished_run, run)
+    leftover = run / "checkpoints" / ".last.pt.k9x2.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    again = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert again.returncode == 0, again.stderr
+    assert not leftover.exists() and (run / "checkpoints" / "last.pt").is_file()
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    state["model"]["encoder.conv1.weight"][0] = float("nan")
+    state["epoch"] = 0  # an unfinished run, so resuming it would train
+    torch.save(state, run / "checkpoints" / "last.pt")
+    started = time.perf_counter()
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
+    assert_user_error(result, "holds non-finite model weights (NaN or inf in encoder.conv1.weight); a run cannot "
+                              "continue from it")
+    assert "step 1 |" not in result.stdout and time.perf_counter() - started < 30
+
+
+def test_a_failed_wandb_start_leaves_no_config_behind(tmp_path):
+    run = tmp_path / "tiny"
+    run.mkdir()
+    (run / "wandb").write_text("")  # W&B cannot make its directory here (as with a read-only wandb/)
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0",
+                                                     "wandb.mode=offline"))
+    assert_user_error(result, "wandb")
+    assert sorted(p.name for p in run.iterdir()) == ["wandb"]
+
+
 def test_wandb_without_network_decides_within_seconds(tmp_path):
     """A W&B server that accepts connections and never answers (127.0.0.1 only): auto falls back to offline and the
     run completes; online stops with an error line before any training."""
