@@ -90,7 +90,7 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
 
     # ---------------------------------------------------------------- results
     record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
-                            checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
+                            val_within_fraction=cfg.eval.val_share_of_labels > 0, checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
                             git_sha=git_sha(), config=to_dict(cfg))
     classifier = classifier_state(encoder, outcome.head, arch=arch, width=width, classes=splits.classes,
                                   normalize=source.normalize if source else "cifar", mode=cfg.eval.mode,
@@ -153,9 +153,11 @@ def load_labeled_splits(cfg: FinetuneConfig, source: Optional[EncoderFile], devi
     normalized as the encoder was pretrained; checked before the run directory is written."""
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
     train_idx, val_idx = split_labeled(data.train_labels, cfg.data.val_size, cfg.eval.label_fraction,
-                                       cfg.data.train_limit, cfg.data.split_seed)
+                                       cfg.data.train_limit, cfg.data.split_seed, cfg.eval.val_share_of_labels)
+    where = "within the labeled fraction" if cfg.eval.val_share_of_labels else "held out of train"
     say(f"data: {len(train_idx)} labeled train ({cfg.eval.label_fraction * 100:g}% of the labels) / "
-        f"{len(val_idx)} val / {len(data.test_labels)} test images on {device}, {dist.world_size()} process(es)")
+        f"{len(val_idx)} val ({where}) / {len(data.test_labels)} test images on {device}, "
+        f"{dist.world_size()} process(es)")
     if not len(data.test_labels):
         raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*); evaluations score it")
     if cfg.eval.mode == "finetune" and cfg.train.batch_size > len(train_idx):
@@ -270,7 +272,9 @@ def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplit
                               vote=cfg.eval.knn_vote, dtype=dtype)
     if cfg.eval.mode == "linear":
         return linear_evaluation(encoder, splits, cfg.probe, seed=cfg.seed, dtype=dtype, augment=cfg.eval.augment,
-                                 refit_allowed=cfg.eval.label_fraction == 1, log=say)
+                                 # refit on train + val only where val holds no label beyond the fraction
+                                 refit_allowed=cfg.eval.label_fraction == 1 or cfg.eval.val_share_of_labels > 0,
+                                 log=say)
     return finetune_evaluation(encoder, splits, cfg.train, cfg.optim, seed=cfg.seed, dtype=dtype,
                                val_every=cfg.eval.val_every, metrics=metrics, state=state)
 

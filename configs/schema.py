@@ -205,6 +205,11 @@ class FinetuneEvalConfig:
 
     mode: str = "linear"  # linear: probe on frozen features | finetune: all weights + a new head | knn
     label_fraction: float = 1.0  # class-balanced share of the labels: 0.01 = 500 CIFAR-10 images, nested by seed
+    # Where hyperparameters (probe weight decay, fine-tuning epochs) are chosen. 0: on data.val_size images held out
+    # of train, whose labels lie beyond the fraction (5,000 labels for selection at 1% = 500 training labels).
+    # s > 0: a class-balanced share s of the labeled fraction itself is the validation split and the rest is trained
+    # on, so selection sees only the fraction's labels (data.val_size is not used).
+    val_share_of_labels: float = 0.0
     augment: bool = False  # linear: random crop + flip with features computed on the fly
     val_every: int = 10  # finetune: epochs between validation measurements; 0 = at the end only
     knn_k: int = 200  # neighbours that vote
@@ -331,6 +336,7 @@ RANGES = {
     "eval.knn_temperature": (0, None, False),
     "eval.online_lr": (0, None, False),
     "eval.label_fraction": (0, 1, False),
+    "eval.val_share_of_labels": (0, 1, True),
     "eval.val_every": (0, None, True),
     "train.mixup_alpha": (0, None, True),
     "train.cutmix_alpha": (0, None, True),

@@ -53,16 +53,29 @@ def split_train_val(labels: torch.Tensor, val_size: int, train_limit: int = 0, s
 
 
 def split_labeled(labels: torch.Tensor, val_size: int, label_fraction: float = 1.0, train_limit: int = 0,
-                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                  seed: int = 0, val_share: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices (ascending) of the labeled training subset and of the validation split.
 
     The subset holds ``round(label_fraction x len(labels))`` images, class-balanced, taken from the training split
     (so 1% of CIFAR-10 is 500 images, 50 per class), capped by what the split holds and by ``train_limit``. Subsets
     for the same ``seed`` are identical across runs and nested: the 1% subset lies inside the 10% one.
+    ``val_share`` > 0: the fraction is drawn from all the images instead (``val_size`` unused) and a class-balanced
+    share of it is the validation split, so selecting on it uses no label beyond the fraction.
     """
     if not 0 < label_fraction <= 1:
         raise UserError(f"label fraction {label_fraction} is outside (0, 1]")
     limit = 0 if label_fraction == 1 else max(1, round(label_fraction * labels.numel()))
     if train_limit > 0:
         limit = min(limit, train_limit) if limit else train_limit
-    return split_train_val(labels, val_size, limit, seed)
+    if not val_share:
+        return split_train_val(labels, val_size, limit, seed)
+    labeled, _ = split_train_val(labels, 0, limit, seed)
+    num_classes = int(labels.max()) + 1
+    if bool((torch.bincount(labels[labeled], minlength=num_classes) < 2).any()):
+        raise UserError(f"eval.val_share_of_labels={val_share}: the labeled fraction holds fewer than 2 images of "
+                        "some class, none to spare for validation; raise eval.label_fraction")
+    per_class = torch.bincount(labels[labeled], minlength=num_classes)
+    val_per_class = (per_class.double() * val_share).round().long().clamp(1, None).minimum(per_class - 1)
+    ranks = class_ranks(labels[labeled], seed + 1)  # an order of its own, independent of the fraction's
+    is_val = ranks < val_per_class[labels[labeled]]
+    return labeled[~is_val], labeled[is_val]

@@ -154,10 +154,12 @@ def augment_batch(images: torch.Tensor, splits: LabeledSplits, generator: torch.
 
 
 def results_record(outcome: EvalOutcome, splits: LabeledSplits, *, mode: str, label_fraction: float,
-                   **provenance) -> dict:
+                   val_within_fraction: bool = False, **provenance) -> dict:
     """What results.json holds: test top-1/top-5, per-class accuracy and confusion matrix, val top-1, how many
-    labeled images were trained on, the mode, plus ``provenance`` (checkpoint and its sha256, git SHA, config)."""
+    labeled images were trained on and how many selection saw (``selection/val_images``, and whether they came from
+    within the labeled fraction or beyond it), the mode, plus ``provenance`` (checkpoint, sha256, git SHA, config)."""
     report = classification_report(outcome.test_scores.cpu(), splits.test_labels.cpu(), splits.classes)
     return {"mode": mode, "label_fraction": label_fraction, "val/top1": outcome.val_top1,
+            "selection/val_images": len(splits.val_labels), "selection/within_fraction": val_within_fraction,
             "data/train_images": outcome.train_images, "data/val_images": len(splits.val_labels),
             "data/test_images": len(splits.test_labels), **report, **outcome.extra, **provenance}

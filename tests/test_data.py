@@ -140,6 +140,18 @@ def test_label_fractions_are_exact_balanced_nested_and_reproducible():
     assert len(other) == 500 and not torch.equal(other, one)  # the seed picks the subset
 
 
+def test_selection_within_the_labeled_fraction_uses_no_label_beyond_it():
+    labels = cifar_like_labels()
+    train, val = split_labeled(labels, 5000, 0.01, seed=0, val_share=0.2)
+    assert len(train) == 400 and len(val) == 100  # 500 labels in all: 40 + 10 per class
+    assert torch.bincount(labels[train]).tolist() == [40] * 10 and torch.bincount(labels[val]).tolist() == [10] * 10
+    everything, _ = split_labeled(labels, 0, 0.01, seed=0)
+    assert set(train.tolist()) | set(val.tolist()) == set(everything.tolist())  # exactly the 1% fraction
+    assert not set(train.tolist()) & set(val.tolist())
+    with pytest.raises(UserError, match="fewer than 2 images of some class"):
+        split_labeled(labels, 0, 0.0002, seed=0, val_share=0.2)  # 10 labels: one per class
+
+
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
 def test_label_fraction_outside_unit_interval_is_a_user_error(fraction):
     with pytest.raises(UserError, match="outside"):

@@ -80,6 +80,14 @@ def test_supervised_baseline_and_label_fraction(tmp_path):
     records = read_jsonl((tmp_path / "eval" / "metrics.jsonl"))
     assert [r["epoch"] for r in records if "val/top1" in r and "test/top1" not in r] == [1, 2]
     assert all(r["train/loss"] > 0 for r in records if "train/loss" in r)
+    assert record["selection/val_images"] == 500 and record["selection/within_fraction"] is False  # held out
+
+
+def test_selection_on_a_validation_split_within_the_label_fraction(tmp_path, pretrained):
+    record = finetune_here(tmp_path, f"checkpoint={pretrained}", "eval.label_fraction=0.1", "probe.epochs=2",
+                           "eval.val_share_of_labels=0.2", "probe.wd_grid=[0.0,0.01]")
+    assert record["selection/within_fraction"] is True and record["selection/val_images"] == 100
+    assert record["data/train_images"] == 500  # refit on train + val: the 10% fraction, nothing beyond it
 
 
 def test_augmented_linear_protocol(tmp_path, pretrained):
