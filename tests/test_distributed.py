@@ -3,7 +3,6 @@ norm, pretrain.py and finetune.py against one process, elastic restarts, the SLU
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -143,56 +142,3 @@ def test_finetune_under_torchrun(tmp_path, pretrained_run):
         assert records[mode, 2]["test/confusion"] == records[mode, 1]["test/confusion"]
     assert records["finetune", 2]["data/train_images"] == 4500 and records["finetune", 2]["finetune/steps"] == 45
 
-
-def slurm_stand_ins(tmp_path):
-    """srun and scontrol stand-ins on PATH (srun runs its command; scontrol names localhost and logs requeues), and
-    the environment a one-node SLURM job with 2 CPU workers would have."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nshift\nexec "$@"\n')  # drops --kill-on-bad-exit=1
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = requeue ]; then echo "$@" >> {tmp_path}/requeued; '
-                                      'else echo localhost; fi\n')
-    for stub in bin_dir.iterdir():
-        stub.chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "2", "RDZV_PORT": str(port),
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
-
-
-def test_slurm_script_runs_a_c10d_job(tmp_path):
-    """scripts/slurm.sbatch with stand-ins for srun and scontrol: one node, 2 CPU workers, c10d rendezvous."""
-    env = slurm_stand_ins(tmp_path)
-    result = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"),
-                             *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0")],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    assert (tmp_path / "tiny" / "encoder.pt").is_file()
-
-
-def test_slurm_script_checkpoints_and_requeues_on_its_time_limit_signal(tmp_path):
-    """SLURM's USR1 (--signal=B:USR1@180) to the batch script: the workers stop at one step, write a mid-epoch
-    checkpoint, the script requeues the job, and the requeued job finishes the run from that step."""
-    env = slurm_stand_ins(tmp_path)
-    args = ["bash", str(REPO / "scripts" / "slurm.sbatch"),
-            *tiny_run_args(tmp_path, "train.epochs=4", "train.log_every=1", "eval.knn_every=0")]
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith("step 4 |"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    output += proc.stdout.readlines()
-    assert proc.wait(timeout=300) == 0, "".join(output)[-3000:]
-    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
-    saved = torch.load(tmp_path / "tiny" / "checkpoints" / "last.pt", weights_only=True)
-    assert 4 <= saved["step"] < 24 and saved["epoch"] < 4, "".join(output)[-3000:]
-    assert "stopped: SIGTERM at step" in "".join(output)
-    requeued = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert requeued.returncode == 0, requeued.stderr[-3000:]
-    assert f"resume: from epoch {saved['epoch']}, step {saved['step']}" in requeued.stdout
-    assert json.loads((tmp_path / "tiny" / "summary.json").read_text())["status"] == "finished"
