@@ -120,6 +120,9 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
     if cfg.eval.explain and cfg.eval.mode == "knn":
         raise UserError("eval.explain needs a trained head: eval.mode=linear or finetune, not knn")
+    if cfg.train.micro_batch:
+        raise UserError("train.micro_batch is pretraining's (a contrastive loss over the whole batch); fine-tuning "
+                        "takes whole batches: lower train.batch_size instead")
     mixing = cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
     if cfg.train.mix_prob != 1.0 and not mixing:
         raise UserError(f"train.mix_prob={cfg.train.mix_prob} has no effect without train.mixup_alpha or "

@@ -33,6 +33,7 @@ from core.device import resolve_device, resolve_precision
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
 from engine.accuracy import topk_accuracy
 from engine.knn import extract_features, extract_features_sharded, knn_top1
+from engine.micro_batch import forward_backward_in_chunks
 from engine.plots import view_pair_grid
 from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
@@ -89,7 +90,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if cfg.train.compile and device.type == "cpu":
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
               "ResNet-18 on 2 cores); it is meant for CUDA", file=sys.stderr, flush=True)
-    ctx = StepContext(dist.wrap_ddp(model, device), optimizer, augment, device, dtype)  # checkpoints hold `model`
+    ctx = StepContext(dist.wrap_ddp(model, device), optimizer, augment, device, dtype,  # checkpoints hold `model`
+                      micro_batch=cfg.train.micro_batch, simclr=model)
     if cfg.train.compile:
         ctx.model = torch.compile(ctx.model)
         augment.compile()
@@ -159,6 +161,11 @@ EMBEDDING_IMAGES = 1000  # validation images in the W&B embedding table at the e
 def check_config(cfg: PretrainConfig) -> None:
     """Combinations of keys that cannot work, refused before anything is read or written."""
     dist.check_global_batch(cfg.train.batch_size)
+    per_process, micro = cfg.train.batch_size // dist.world_size(), cfg.train.micro_batch
+    if micro and (micro > per_process or per_process % micro):
+        raise UserError(f"train.micro_batch={micro} must divide the per-process batch of {per_process} images "
+                        f"(train.batch_size={cfg.train.batch_size} over {dist.world_size()} process(es)) and not "
+                        "exceed it; 0 turns micro-batching off")
     if cfg.eval.knn_every and not (cfg.data.val_size or cfg.eval.knn_test_monitor):
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     if cfg.eval.linear_at_end:
@@ -233,6 +240,8 @@ class StepContext:
     augment: SimCLRAugment
     device: torch.device
     dtype: torch.dtype  # the model's compute precision (fp64: the views are made double for it)
+    micro_batch: int = 0  # images per chunk per process (train.micro_batch); 0 or the whole batch: one pass
+    simclr: Optional[SimCLR] = None  # the unwrapped module under `model`, for the micro-batched step
 
 
 def train_step(ctx: StepContext, images: torch.Tensor, generator: torch.Generator, lr: float,
@@ -255,6 +264,8 @@ def forward_backward(ctx: StepContext, view1: torch.Tensor, view2: torch.Tensor,
         view1, view2 = view1.double(), view2.double()
     if ctx.device.type == "cuda":
         view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
+    if 0 < ctx.micro_batch < view1.shape[0]:  # exact large batches: cached projection gradients, chunk by chunk
+        return forward_backward_in_chunks(ctx.model, ctx.simclr, view1, view2, ctx.micro_batch, labels)
     out = ctx.model(view1, view2, labels)  # bf16 autocast, where asked for, is inside (SimCLR.compute_dtype)
     # The online classifier's loss reaches only its own weights (its input is detached).
     (out["loss"] + out["online_loss"] if "online_loss" in out else out["loss"]).backward()

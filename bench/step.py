@@ -17,6 +17,11 @@ model, not written by hand) x views/s over the device's peak dense rate for the 
 CUDA, since cuDNN runs fp32 convolutions in TF32): the vendor's data-sheet figure for known GPUs, else the rate of a
 large matmul measured in this run (always so on CPU), named in ``peak_source``.
 
+Micro-batches (``--micro-batch M``): the same step in chunks of M images with cached projection gradients
+(train.micro_batch), its views/s and peak memory beside the whole batch's: ``step/micro_batch``,
+``memory/peak_whole``, ``memory/peak_micro_batch`` and their ratio (peak device memory on CUDA; on CPU the peak
+resident memory a fresh process gains while it runs the steps).
+
 Peer baselines (``--peers``, bench/peers.py): lightly's and dkobak's actual pipelines (their transforms, collate,
 DataLoader workers and loss) feeding the same model; skipped with the reason when a package is missing.
 
@@ -90,7 +95,7 @@ class Setup:
     builds them; ``images`` are uint8 [N, 3, 32, 32] resident on the device."""
 
     def __init__(self, args: argparse.Namespace, arch: str, batch: int, precision: str, compile_: bool,
-                 images: torch.Tensor) -> None:
+                 images: torch.Tensor, micro_batch: int = 0) -> None:
         overrides = [f"model.arch={arch}", f"train.batch_size={batch}", f"train.precision={precision}"]
         if args.width and arch.startswith("resnet"):
             overrides.append(f"model.width={args.width}")
@@ -105,7 +110,8 @@ class Setup:
         if compile_:
             self.step_fn = torch.compile(self.model)
             self.augment.compile()
-        self.ctx = StepContext(self.step_fn, self.optimizer, self.augment, self.device, self.dtype)
+        self.ctx = StepContext(self.step_fn, self.optimizer, self.augment, self.device, self.dtype,
+                               micro_batch=micro_batch, simclr=self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def batch_indices(self) -> torch.Tensor:
@@ -137,6 +143,72 @@ class Setup:
                                                      warmup, steps),
                 "loss": seconds_per_call(loss_step, self.device, warmup, steps),
                 "optimizer": seconds_per_call(self.optimizer.step, self.device, warmup, steps)}
+
+
+def peak_memory_bytes(setup: "Setup", steps: int) -> int:
+    """Peak memory of ``steps`` training steps of ``setup`` (after one warm-up step): CUDA's peak allocation, or on
+    CPU the resident memory the process gains over its size before the steps (the peak reset through
+    /proc/self/clear_refs; in a fresh process per setting, :func:`cpu_peak_memory_bytes`, so no allocator cache of
+    an earlier setting hides memory)."""
+    setup.step()
+    if setup.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(setup.device)
+        base = torch.cuda.memory_allocated(setup.device)
+        for _ in range(steps):
+            setup.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(setup.device) - base
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the peak resident size (VmHWM) to the current
+        f.write("5")
+    start = _status_kib("VmRSS")
+    for _ in range(steps):
+        setup.step()
+    return (_status_kib("VmHWM") - start) * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def cpu_peak_memory_bytes(settings: dict, micro_batch: int, steps: int) -> int:
+    """:func:`peak_memory_bytes` of one CPU setting, measured in a fresh interpreter (``--memory-child``)."""
+    import subprocess
+
+    spec = json.dumps({**settings, "micro_batch": micro_batch, "steps": steps})
+    out = subprocess.run([sys.executable, __file__, "--device", "cpu", "--memory-child", spec], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    spec = json.loads(args.memory_child)
+    args.width = spec["width"]
+    images = torch.randint(0, 256, (2 * spec["batch"], 3, 32, 32), dtype=torch.uint8)
+    setup = Setup(args, spec["arch"], spec["batch"], spec["precision"], spec["compile"] == "on", images,
+                  micro_batch=spec["micro_batch"])
+    print(peak_memory_bytes(setup, spec["steps"]))
+
+
+def time_micro_batch(args: argparse.Namespace, setup: "Setup", ours: float, shape: list, device_name: str,
+                     settings: dict) -> None:
+    """The same setting in chunks of --micro-batch images: views/s, and peak memory beside the whole batch's."""
+    chunked = Setup(args, setup.cfg.model.arch, setup.batch, settings["precision"], settings["compile"] == "on",
+                    setup.images, micro_batch=args.micro_batch)
+    seconds = seconds_per_call(chunked.step, setup.device, args.warmup, args.steps)
+    emit("step/micro_batch", 2 * setup.batch / seconds, "views/s", shape, device_name, ms=1000 * seconds,
+         micro_batch=args.micro_batch, slowdown=round(seconds / ours, 3), **settings)
+    steps = max(2, min(args.steps, 5))
+    if setup.device.type == "cuda":
+        whole, micro = (peak_memory_bytes(s, steps) for s in (setup, chunked))
+    else:
+        whole, micro = (cpu_peak_memory_bytes(settings, m, steps) for m in (0, args.micro_batch))
+    emit("memory/peak_whole", whole / 2 ** 20, "MiB", shape, device_name, **settings)
+    emit("memory/peak_micro_batch", micro / 2 ** 20, "MiB", shape, device_name, micro_batch=args.micro_batch,
+         **settings)
+    emit("memory/micro_batch_over_whole", micro / max(whole, 1), "x", shape, device_name,
+         micro_batch=args.micro_batch, **settings)
 
 
 def flops_per_view(setup: "Setup") -> float:
@@ -253,9 +325,15 @@ def main() -> None:
                         help="peer pipelines to time (default: both; none: --peers with no names)")
     parser.add_argument("--peer-workers", type=int, default=None,
                         help="DataLoader workers of the peers (default: theirs, lightly 8, dkobak 16)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="also time each setting in chunks of this many images, with peak memory (0: off)")
     parser.add_argument("--quick", action="store_true",
                         help="small run: resnet18 width 8, batch 32, fp32, eager, 2 + 5 steps, 2 workers (peers: 0)")
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
     if args.quick:
         args.archs, args.batches, args.precisions, args.compile = ["resnet18"], [32], ["fp32"], ["off"]
         args.width, args.warmup, args.steps, args.workers = args.width or 8, 2, 5, min(args.workers, 2)
@@ -280,6 +358,8 @@ def main() -> None:
                     setup = Setup(args, arch, batch, precision, compile_ == "on", images)
                     ours = seconds_per_call(setup.step, device, args.warmup, args.steps)
                     emit("step/ours", 2 * batch / ours, "views/s", shape, device_name, ms=1000 * ours, **settings)
+                    if args.micro_batch:
+                        time_micro_batch(args, setup, ours, shape, device_name, settings)
                     flops = flops_per_view(setup)
                     peak, source = peak_flops(device, precision, device_name)
                     emit("step/model_gflop_per_view", flops / 1e9, "GFLOP", shape, device_name, **settings)

@@ -74,6 +74,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (exactness checks)
     compile: bool = False  # torch.compile the training step (faster on GPUs after a minute of compiling)
     log_every: int = 50  # steps between reads of device-side metrics (each read is a host sync)
+    # Images per chunk per process: batches larger than memory, exactly (every view keeps all 2B - 2 negatives; the
+    # projections' gradients are cached and each chunk runs again with autograd: one extra forward). 0 = off.
+    micro_batch: int = 0
     # Epochs at which the lr schedule starts again (warm-up, then cosine to the next restart or the end). pretrain.py
     # adds one when a finished run is extended (train.epochs raised on resume); every resume keeps the checkpoint's.
     schedule_restarts: List[int] = field(default_factory=list)
@@ -325,6 +328,7 @@ RANGES = {
     "train.epochs": (1, None, True),
     "train.batch_size": (1, None, True),
     "train.log_every": (1, None, True),
+    "train.micro_batch": (0, None, True),
     "optim.base_lr": (0, None, False),
     "optim.weight_decay": (0, None, True),
     "optim.momentum": (0, 1, True),

@@ -34,17 +34,22 @@ class SimCLR(nn.Module):
         self.compute_dtype = compute_dtype
         self.classifier = nn.Linear(encoder.feature_dim, num_classes) if num_classes else None
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor, labels: Optional[torch.Tensor] = None
-                ) -> Dict[str, torch.Tensor]:
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                project_only: bool = False) -> Dict[str, torch.Tensor]:
         """views: [B, 3, H, W] each; labels: int64 [B] (used by the online classifier only) ->
         {"loss": NT-Xent scalar, "z1", "z2": detached embeddings [B, proj_dim]} plus, with the online classifier and
         labels, "online_loss" (cross-entropy over both views, to be added to the loss) and "online_correct" (count).
+        ``project_only``: no loss, and z1, z2 keep their graph (the micro-batched step, engine/micro_batch.py,
+        computes the loss over all chunks' projections itself).
         """
         with autocast(view1.device, self.compute_dtype):
             h = self.encoder(torch.cat([view1, view2]))  # [2B, d]
             z1, z2 = self.head(h).chunk(2)
-        loss = nt_xent(z1, z2, self.temperature, gather=self.gather, impl=self.loss_impl)
-        out = {"loss": loss, "z1": z1.detach(), "z2": z2.detach()}
+        if project_only:
+            out = {"z1": z1, "z2": z2}
+        else:
+            loss = nt_xent(z1, z2, self.temperature, gather=self.gather, impl=self.loss_impl)
+            out = {"loss": loss, "z1": z1.detach(), "z2": z2.detach()}
         if self.classifier is not None and labels is not None:
             # stop-gradient: the encoder learns from NT-Xent alone; fp32 like the classifier's weights
             logits = self.classifier(h.detach().to(self.classifier.weight.dtype))

@@ -6,6 +6,8 @@
    parameter gradients and running statistics of one process on the whole batch (fp64), for each loss impl.
 3. Three LARS steps on sharded, augmented uint8 batches end with the weights of one process (fp64: in fp32 the
    gradient at initialization is itself only accurate to ~1e-3, so fp32 runs cannot be compared to 1e-5).
+4. Micro-batches and the gather compose: a ViT (no layer mixes samples) whose head has no batch norm, each rank's
+   half of the batch in chunks of 2 under DDP, gives the gradients of one process on the whole batch at once.
 """
 import copy
 import importlib
@@ -80,6 +82,24 @@ def ddp_checks(rank: int, world: int, device: torch.device, results: dict) -> No
                                                    for k in a if a[k].is_floating_point())
 
 
+def micro_batch_checks(rank: int, world: int, device: torch.device, results: dict) -> None:
+    from engine.micro_batch import forward_backward_in_chunks
+
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_tiny")
+    single = SimCLR(encoder, projection_head(encoder.feature_dim, 32, 16, hidden_bn=False), 0.5).double()
+    sharded = copy.deepcopy(single)
+    sharded.gather = True
+    g = torch.Generator().manual_seed(3)
+    v1, v2 = (torch.randn(8, 3, 32, 32, dtype=torch.float64, generator=g) for _ in range(2))
+    single(v1, v2)["loss"].backward()
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    ddp = dist.wrap_ddp(sharded, device)
+    out = forward_backward_in_chunks(ddp, sharded, v1[rows], v2[rows], micro_batch=2)
+    results["micro/grad"] = max(relative(b.grad, a.grad) for a, b in zip(single.parameters(), sharded.parameters()))
+    results["micro/loss"] = abs(dist.all_reduce_mean(out["loss"]).item() - single(v1, v2)["loss"].item())
+
+
 def train_three_steps(model, images, shard, device):
     """Three LARS steps on augmented views of uint8 images (this rank's shard of each global batch)."""
     optimizer = create_optimizer("lars", model.module if hasattr(model, "module") else model, lr=0.5,
@@ -98,6 +118,7 @@ def main(out_path: str) -> None:
     results = {"world_size": world}
     gather_checks(rank, world, results)
     ddp_checks(rank, world, device, results)
+    micro_batch_checks(rank, world, device, results)
     if dist.is_main():
         with open(out_path, "w") as f:
             json.dump(results, f)

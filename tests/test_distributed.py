@@ -37,6 +37,7 @@ def test_gather_and_ddp_equal_one_process(tmp_path):
         assert metrics[f"ddp/{impl}/grad"] < 1e-10  # fp64, global batch norm, DDP averaging + gather; ~4e-14
         assert metrics[f"ddp/{impl}/running_stats"] < 1e-10
     assert metrics["ddp/train/max_abs_weight_diff"] < 1e-10  # three LARS steps on sharded augmented batches; ~2e-13
+    assert metrics["micro/grad"] < 1e-10 and metrics["micro/loss"] < 1e-12  # 2 ranks x chunks of 2 == 1 x 8
 
 
 def first_loss(run_dir):

@@ -1,0 +1,111 @@
+"""Exact large batches in micro-batches: every view keeps every other view of the batch as a negative.
+
+Plain gradient accumulation is wrong for a contrastive loss (each micro-batch would see only its own negatives).
+Instead, as GradCache (Gao et al. 2021) does for dense retrieval, one step of a batch of B images runs:
+
+1. every chunk of M images through encoder + head without autograd, keeping only the 2B projections;
+2. NT-Xent over all 2B projections (gathered across processes under torchrun, fused where it pays) and its
+   gradient with respect to them;
+3. per chunk, the forward again with autograd and a backward of that chunk's cached projection gradients, which
+   accumulates the parameter gradients of the whole batch.
+
+Memory is one chunk's activations plus 2B projections, whatever B is; the price is one extra forward pass. Batch
+norm sees each chunk as its own batch (as B/M processes with per-process statistics would); its running statistics
+are updated once per chunk, by the pass with autograd: the pass without it keeps them untouched. Randomness inside
+the forward (dropout, drop-path) is replayed: both passes of a chunk start from the same RNG state.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from losses import nt_xent
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Whatever the block does to ``module``'s buffers (batch norm's running statistics and counts) is undone."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+class RngReplay:
+    """The device's default RNG state at marked points, to start a second pass from each again."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.states: dict[int, torch.Tensor] = {}
+
+    def get(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.cuda else torch.get_rng_state()
+
+    def set(self, state: torch.Tensor) -> None:
+        if self.cuda:
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def mark(self, key: int) -> None:
+        self.states[key] = self.get()
+
+    def replay(self, key: int) -> None:
+        self.set(self.states[key])
+
+
+def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() for every chunk but the last (their gradients accumulate locally and are all-reduced once),
+    looked up through a torch.compile wrapper; a no-op outside DDP."""
+    ddp = getattr(model, "_orig_mod", model)
+    if last or not hasattr(ddp, "no_sync"):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def forward_backward_in_chunks(model: nn.Module, simclr: nn.Module, view1: torch.Tensor, view2: torch.Tensor,
+                               micro_batch: int, labels: Optional[torch.Tensor] = None) -> dict:
+    """One step's gradients for views [B, 3, H, W] in chunks of ``micro_batch`` images, equal to those of the whole
+    batch at once (up to batch norm seeing each chunk on its own, see the module docstring).
+
+    model: what runs the forward (the SimCLR module or its DDP / compiled wrapper); simclr: the unwrapped module (its
+    buffers and loss settings). Returns what SimCLR.forward returns: the loss of the whole batch, detached
+    embeddings z1, z2 [B, proj_dim] and, with labels, the online classifier's "online_correct"."""
+    batch = view1.shape[0]
+    starts = range(0, batch, micro_batch)
+    rng = RngReplay(view1.device)
+    with torch.no_grad(), buffers_kept(simclr):
+        projections = []
+        for start in starts:
+            rng.mark(start)
+            out = model(view1[start:start + micro_batch], view2[start:start + micro_batch], project_only=True)
+            projections.append((out["z1"], out["z2"]))
+    after = rng.get()
+    z1 = torch.cat([p[0] for p in projections]).requires_grad_()
+    z2 = torch.cat([p[1] for p in projections]).requires_grad_()
+    loss = nt_xent(z1, z2, simclr.temperature, gather=simclr.gather, impl=simclr.loss_impl)
+    grad1, grad2 = torch.autograd.grad(loss, (z1, z2))
+    correct = torch.zeros((), dtype=torch.long, device=view1.device)
+    for i, start in enumerate(starts):
+        rows = slice(start, start + micro_batch)
+        rng.replay(start)
+        with no_sync(model, last=i == len(starts) - 1):
+            out = model(view1[rows], view2[rows], None if labels is None else labels[rows], project_only=True)
+            outputs, grads = [out["z1"], out["z2"]], [grad1[rows], grad2[rows]]
+            if "online_loss" in out:  # a chunk's mean, weighted to make the batch's mean
+                outputs.append(out["online_loss"] * (out["z1"].shape[0] / batch))
+                grads.append(torch.ones_like(outputs[-1]))
+                correct += out["online_correct"]
+            torch.autograd.backward(outputs, grads)
+    rng.set(after)  # the RNG continues as after one pass: the same stream whatever the chunk count
+    result = {"loss": loss.detach(), "z1": z1.detach(), "z2": z2.detach()}
+    if labels is not None and simclr.classifier is not None:
+        result["online_correct"] = correct
+    return result
