@@ -22,7 +22,8 @@ from core import dist
 from core.files import atomic_save, write_text_atomic
 from engine.checkpoint import (CLASSIFIER_FILE, EncoderFile, classifier_state, last_checkpoint, load_file, load_strict,
                                read_encoder, sha256_of)
-from engine.cli import UserError, run_cli
+from core.errors import UserError
+from engine.cli import run_cli
 from core.device import resolve_device, resolve_precision
 from engine.evaluate import (EvalOutcome, LabeledSplits, check_probe_config, knn_evaluation, linear_evaluation,
                              results_record)
@@ -33,7 +34,7 @@ from engine.preemption import StopRequest
 from engine.runlock import hold_run_dir
 from engine.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
                              write_results)
-from models import ARCHS, create_encoder
+from models import ARCHS, create_encoder, is_vit
 
 MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
 
@@ -116,7 +117,7 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
         used.append("optim.layer_decay")
     if used and cfg.eval.mode != "finetune":
         raise UserError(f"{', '.join(used)} apply to eval.mode=finetune only, not eval.mode={cfg.eval.mode}")
-    if cfg.optim.layer_decay < 1 and not arch.startswith("vit"):
+    if cfg.optim.layer_decay < 1 and not is_vit(arch):
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
     if cfg.eval.explain and cfg.eval.mode == "knn":
         raise UserError("eval.explain needs a trained head: eval.mode=linear or finetune, not knn")
@@ -223,7 +224,7 @@ def encoder_arch(cfg: FinetuneConfig, source: Optional[EncoderFile]) -> tuple[st
     if source is None:
         if cfg.model.arch is None:
             raise UserError(f"checkpoint=none needs model.arch ({', '.join(ARCHS[:-1])} or {ARCHS[-1]})")
-        if cfg.model.width is not None and cfg.model.arch.startswith("vit"):
+        if cfg.model.width is not None and is_vit(cfg.model.arch):
             raise UserError(f"model.width applies to ResNets only, not {cfg.model.arch}")
         return cfg.model.arch, cfg.model.width
     asked = (cfg.model.arch or source.arch, cfg.model.width if cfg.model.width is not None else source.width)

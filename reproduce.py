@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from configs.load import config_keys
 from configs.schema import FinetuneConfig, PretrainConfig
-from engine.cli import ArgumentParser, UserError, run_cli
+from core.errors import UserError
+from engine.cli import ArgumentParser, run_cli
 from tables.collect import RunRecord, describe, match, pretraining_pending, scan_run_dirs, wandb_records
 from tables.plan import LAUNCHERS, Plan, PlannedRun, command, plan_table
 from tables.render import build_cells, markdown, plot_png, write_csv

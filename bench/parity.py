@@ -3,6 +3,7 @@
     python bench/parity.py --device cpu --quick          # narrow ResNet-18, 10,000 images, 3 seeds (~22 min, 2 cores)
     python bench/parity.py --device cuda --epochs 100 --train-images 45000 --width 64 --batch 512 --seeds 0 1 2
     python bench/parity.py --device cpu --quick --swap augment     # the classic pipeline with our augmentation
+    python bench/parity.py --device cpu --quick --pipelines ours chunks --micro-batch 32   # micro-batches' cost
 
 Both pipelines train the same encoder (``models.create_encoder``) with the same recipe (default: dkobak's,
 ``configs/pretrain/kobak_resnet18.yaml``, scaled down by the flags) on the same images (the training split of the
@@ -15,11 +16,13 @@ shared CIFAR-10 archive, class-balanced subset), with the same seeds:
 
 Both encoders are then scored by the same kNN on the held-out validation images (bank: the training images; weighted
 k=200, T=0.1 as the figure; dkobak's k=10 majority vote beside it). ``--swap`` replaces one classic component with
-ours (augment, loss, head, optimizer), to find which component differs when the two disagree.
+ours (augment, loss, head, optimizer), to find which component differs when the two disagree. The ``chunks``
+pipeline is ours with ``train.micro_batch=--micro-batch``: batch norm per chunk, so the two views of an image share
+statistics their negatives in other chunks do not; ``--pipelines ours chunks`` measures what that costs.
 
-Prints JSON lines: ``parity/knn_init`` (the untrained encoder), ``parity/knn_ours``, ``parity/knn_classic`` (``seed``,
-``figure`` in %, settings), then ``parity/summary``: means, sample standard deviations, the difference and
-``within_spread`` = |mean ours - mean classic| <= 2 x the pooled seed-to-seed standard deviation.
+Prints JSON lines: ``parity/knn_init`` (the untrained encoder), ``parity/knn_<pipeline>`` for each pipeline (``seed``,
+``figure`` in %, settings), then ``parity/summary``: means, sample standard deviations, the difference of the first
+two pipelines and ``within_spread`` = |difference| <= 2 x the pooled seed-to-seed standard deviation.
 """
 from __future__ import annotations
 
@@ -75,7 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="train.precision for both (default: the recipe's)")
     p.add_argument("--workers", type=int, default=None, help="classic DataLoader workers (default: CPU count, <= 16)")
     p.add_argument("--swap", choices=SWAPS, action="append", default=[], help="use our component in the classic run")
-    p.add_argument("--pipelines", nargs="+", choices=("ours", "classic"), default=["ours", "classic"])
+    p.add_argument("--pipelines", nargs="+", choices=("ours", "classic", "chunks"), default=["ours", "classic"])
+    p.add_argument("--micro-batch", type=int, default=32, help="train.micro_batch of the chunks pipeline")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # new defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
@@ -98,13 +102,13 @@ def recipe_config(args: argparse.Namespace, seed: int, run_dir: Path) -> tuple[P
 # ---------------------------------------------------------------------------------------------- ours: pretrain.py
 
 
-def train_ours(argv: list[str], run_dir: Path) -> nn.Module:
+def train_ours(argv: list[str], run_dir: Path, name: Optional[str] = None) -> nn.Module:
     """pretrain.main with the recipe's command line; its console output goes to stderr (stdout is JSON lines)."""
     import pretrain
 
     with contextlib.redirect_stdout(sys.stderr):
-        pretrain.main(argv)
-    source = read_encoder(str(next(run_dir.iterdir())))
+        pretrain.main([*argv, f"run.dir={run_dir}"])
+    source = read_encoder(str(run_dir / name if name else next(run_dir.iterdir())))
     encoder = create_encoder(source.arch, source.width)
     encoder.load_state_dict(source.state)
     return encoder
@@ -286,22 +290,23 @@ def score(encoder: nn.Module, cfg: PretrainConfig, splits: dict, device: torch.d
             "knn10_majority": knn_top1(**vote, k=10, vote="majority")}
 
 
-def summary(rows: list[dict]) -> dict:
-    """Means, sample standard deviations and whether the difference lies within the seed-to-seed spread."""
-    ours = [r["figure"] for r in rows if r["what"] == "parity/knn_ours"]
-    classic = [r["figure"] for r in rows if r["what"] == "parity/knn_classic"]
+def summary(rows: list[dict], pipelines: tuple[str, ...] = ("ours", "classic")) -> dict:
+    """Means, sample standard deviations and whether the difference of the first two pipelines lies within the
+    seed-to-seed spread."""
+    values = {name: [r["figure"] for r in rows if r["what"] == f"parity/knn_{name}"] for name in pipelines}
     out = {"what": "parity/summary"}
-    for name, values in (("ours", ours), ("classic", classic)):
-        if values:
-            out[f"{name}_mean"] = round(statistics.fmean(values), 3)
-            out[f"{name}_std"] = round(statistics.stdev(values), 3) if len(values) > 1 else None
-    if len(ours) > 1 and len(classic) > 1:
-        pooled = math.sqrt((statistics.variance(ours) * (len(ours) - 1) + statistics.variance(classic)
-                            * (len(classic) - 1)) / (len(ours) + len(classic) - 2))
-        difference = statistics.fmean(ours) - statistics.fmean(classic)
+    for name, figures in values.items():
+        if figures:
+            out[f"{name}_mean"] = round(statistics.fmean(figures), 3)
+            out[f"{name}_std"] = round(statistics.stdev(figures), 3) if len(figures) > 1 else None
+    if len(pipelines) > 1 and all(len(values[name]) > 1 for name in pipelines[:2]):
+        a, b = (values[name] for name in pipelines[:2])
+        pooled = math.sqrt((statistics.variance(a) * (len(a) - 1) + statistics.variance(b) * (len(b) - 1))
+                           / (len(a) + len(b) - 2))
+        difference = statistics.fmean(a) - statistics.fmean(b)
         out.update({"difference": round(difference, 3), "pooled_std": round(pooled, 3),
                     "within_spread": abs(difference) <= 2 * pooled,
-                    "criterion": "|mean ours - mean classic| <= 2 x pooled seed std"})
+                    "criterion": f"|mean {pipelines[0]} - mean {pipelines[1]}| <= 2 x pooled seed std"})
     return out
 
 
@@ -330,13 +335,16 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                 tick = time.perf_counter()
                 if pipeline == "ours":
                     encoder = train_ours(argv_ours, Path(tmp) / f"s{seed}")
+                elif pipeline == "chunks":
+                    chunked = [*argv_ours, f"train.micro_batch={args.micro_batch}", f"run.name=chunks-s{seed}"]
+                    encoder = train_ours(chunked, Path(tmp) / f"c{seed}", f"chunks-s{seed}")
                 else:
                     encoder = train_classic(cfg, splits["train_images"], args, seed)
                 seconds = round(time.perf_counter() - tick, 1)
                 rows.append({"what": f"parity/knn_{pipeline}", "seed": seed, **score(encoder, cfg, splits, device),
                              "seconds": seconds, **settings})
                 emit(rows[-1], args.out)
-    emit(summary(rows), args.out)
+    emit(summary(rows, tuple(args.pipelines)), args.out)
     return rows
 
 

@@ -5,9 +5,9 @@
     python bench/step.py --archs resnet18 --batches 512 --precisions bf16 --compile on
     python bench/step.py --device cpu --quick          # small CPU run: narrow ResNet-18, batch 32, a few steps
 
-"Ours" is ``pretrain.train_step`` itself (uint8 images resident on the device -> batched augmentation -> encoder +
-head + NT-Xent -> backward -> optimizer), with the model, optimizer and compilation built as pretrain.py builds
-them. Stages are timed on their own: augmentation, forward + backward, the loss alone (forward + backward on the
+"Ours" is ``engine.pretraining.train_step``, what pretrain.py runs (uint8 images resident on the device -> batched
+augmentation -> encoder + head + NT-Xent -> backward -> optimizer), with the model, optimizer and compilation built
+as pretrain.py builds them. Stages are timed on their own: augmentation, forward + backward, the loss alone (forward + backward on the
 embeddings), the optimizer step. The baseline is the common public pipeline: torchvision per-image PIL transforms
 (two views) in DataLoader workers, pinned host batches copied to the device, then the same model, step and optimizer.
 Device time comes from CUDA events after warm-up and compilation (wall clock on CPU).
@@ -49,7 +49,7 @@ from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
 from engine.optim import create_optimizer  # noqa: E402
 from losses import nt_xent  # noqa: E402
-from pretrain import StepContext, build_model, forward_backward, train_step  # noqa: E402
+from engine.pretraining import StepContext, build_model, forward_backward, train_step  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense tensor-core peaks, TFLOP/s, from NVIDIA's data sheets (no sparsity); fp32 = TF32 (cuDNN's default for

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.files import atomic_save  # noqa: F401  (re-exported: its home was here)
 
 
 CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/last.pt: what a run continues from

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from core.errors import Answered, Diverged, Stopped, UserError  # re-exported: raised everywhere, caught here
+from core.errors import Answered, Diverged, Stopped, UserError  # raised everywhere, caught here
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -23,18 +23,6 @@ from engine.accuracy import classification_report, topk_accuracy
 from engine.knn import extract_features_sharded, knn_predict
 from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
 
-MOVED_TO_FINETUNING = ("Classifier", "FinetuneState", "finetune_evaluation")  # engine.finetuning imports this module
-
-
-def __getattr__(name: str):
-    """Names that moved to engine.finetuning stay importable from here (resolved lazily: no import cycle)."""
-    if name in MOVED_TO_FINETUNING:
-        from engine import finetuning
-
-        return getattr(finetuning, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class LabeledSplits:
     """uint8 images [N, 3, H, W] and int64 labels [N] of each split, on the evaluation device."""

@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import is_vit
+
 METHODS = ("gradcam", "attention")
 
 
 def method_for(arch: str) -> str:
     """The explanation an architecture supports: gradcam for ResNets, attention for ViTs."""
-    return "attention" if arch.startswith("vit") else "gradcam"
+    return "attention" if is_vit(arch) else "gradcam"
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, classes: torch.Tensor | None = None) -> tuple[torch.Tensor,

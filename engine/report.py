@@ -12,7 +12,8 @@ from __future__ import annotations
 from argparse import RawDescriptionHelpFormatter
 from typing import Optional, Sequence
 
-from engine.cli import ArgumentParser, UserError, run_cli
+from core.errors import UserError
+from engine.cli import ArgumentParser, run_cli
 
 # (title, x axis, metric): the curves every SimCLR group is compared on; names as pretrain.py/finetune.py log them.
 CURVES = (("NT-Xent loss", "step", "train/loss"), ("kNN top-1 on the validation split (%)", "epoch", "knn/top1"),

@@ -19,7 +19,7 @@ import torch
 
 from core import dist
 from core.errors import UserError
-from core.files import write_json, write_text_atomic  # their home was here: still importable from here
+from core.files import write_json, write_text_atomic
 
 
 def _jsonable(value: Any) -> Any:

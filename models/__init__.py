@@ -13,6 +13,11 @@ from models.simclr import SimCLR
 from models.vit import SIZES, cifar_vit
 
 
+def is_vit(arch: str) -> bool:
+    """Whether ``arch`` names a ViT (timm; class-token attention, no batch norm) rather than a ResNet."""
+    return arch in SIZES
+
+
 def create_encoder(arch: str, width: Optional[int] = None) -> nn.Module:
     """A backbone mapping images [B, 3, 32, 32] to features [B, .feature_dim].
 
@@ -28,4 +33,4 @@ def create_encoder(arch: str, width: Optional[int] = None) -> nn.Module:
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-__all__ = ["ARCHS", "SimCLR", "create_encoder", "projection_head"]
+__all__ = ["ARCHS", "SimCLR", "create_encoder", "is_vit", "projection_head"]

@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from configs.schema import FinetuneConfig
 from configs.load import config_keys, from_dict, load_config, parse_args, to_dict, to_yaml
 from configs.schema import PretrainConfig
-from engine.cli import UserError
+from core.errors import UserError
 from tests.conftest import REPO
 
 CONTRACT_KEYS = """seed device data.name data.root data.download data.val_size data.train_limit model.arch model.width

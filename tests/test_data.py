@@ -7,7 +7,7 @@ from PIL import Image
 
 from data import EpochSampler, class_ranks, load_source, make_synthetic, split_labeled, split_train_val
 from data.cache import cached
-from engine.cli import UserError
+from core.errors import UserError
 
 
 def make_folder(root, per_class=(6, 3), classes=("b_cls", "a_cls"), size=8):

@@ -166,7 +166,6 @@ def test_export_files_follow_the_umask_and_record_the_image_size(evaluated_run, 
 def test_an_export_onto_a_full_disk_is_an_error_line_and_leaves_nothing(evaluated_run, tmp_path):
     """torch.jit.save into a full file system aborted the interpreter (a C++ stack, exit -6) and left its temporary
     file filling the disk. A real 64 kB tmpfs where mount is allowed, else a file-size limit (the same write error)."""
-    import os
     import resource
     import signal
     import subprocess

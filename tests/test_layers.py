@@ -66,3 +66,73 @@ def test_low_packages_import_on_their_own(package):
             "print(above)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+PACKAGES = ("core", "augment", "losses", "data", "configs", "models", "engine", "tables")
+
+
+def module_files(root: Path = REPO) -> dict[str, Path]:
+    """Dotted module name -> file, for the project's packages and top-level entrypoints."""
+    files = {p.stem: p for p in root.glob("*.py")}
+    for package in PACKAGES:
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in the file (``from pkg import name`` counts as importing
+    pkg.name when that is a module, else pkg)."""
+    files = module_files(root)
+    graph = {}
+    for module, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files else node.module
+                         for alias in node.names]
+            edges |= {name for name in names if name in files and name != module}
+        graph[module] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import cycle between files, each once (as found by a depth-first search)."""
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_import_cycle_between_files():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_module_only_re_exports_another():
+    """A module that holds nothing but imports (a shim left by a move) sends readers to the wrong file."""
+    shims = []
+    for module, path in module_files().items():
+        body = [n for n in ast.parse(path.read_text()).body
+                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # the docstring
+        if path.name != "__init__.py" and body and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in body):
+            shims.append(module)
+    assert shims == []

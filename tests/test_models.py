@@ -123,7 +123,7 @@ def test_compiled_step_keeps_gradients_and_running_statistics(forward_views):
     import copy
 
     from configs.load import load_config
-    from pretrain import StepContext, build_model, forward_backward
+    from engine.pretraining import StepContext, build_model, forward_backward
 
     torch.manual_seed(0)
     cfg = load_config(["model.width=4", "device=cpu", f"model.forward_views={forward_views}"])

@@ -86,7 +86,7 @@ def test_online_classifier_under_lars_steps_as_solo_learn():
     passes the online classifier through its LARS with weight decay 0: the weight's step is lr x min(eta |w| / (|g| lr),
     1) x g, the bias a plain SGD step at the classifier's lr. Written out here from their code, one step."""
     from configs.load import load_config
-    from pretrain import build_model, build_optimizer
+    from engine.pretraining import build_model, build_optimizer
 
     cfg = load_config(["model.width=4", "eval.online_linear=true", "eval.online_lr=0.1", "optim.base_lr=0.4",
                        "optim.lars_trust_coeff=0.02", "optim.lars_trust_clip=true", "train.batch_size=256",

@@ -160,12 +160,12 @@ def test_collapsed_embeddings_are_detected_warned_once_and_recorded(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_step_never_waits_for_the_gpu():
-    """No host sync inside pretrain.train_step (augmentation, forward, backward, LARS): CUDA's sync debug mode
+    """No host sync inside engine.pretraining.train_step (augmentation, forward, backward, LARS): CUDA's sync debug mode
     raises on any synchronizing call (.item(), a pageable host-to-device copy, nonzero, ...)."""
     from augment import SimCLRAugment
     from configs.load import load_config
     from engine.optim import create_optimizer
-    from pretrain import StepContext, build_model, train_step
+    from engine.pretraining import StepContext, build_model, train_step
 
     device = torch.device("cuda")
     model = build_model(load_config(["model.width=16"]), device, torch.bfloat16)  # on the GPU, channels_last
