@@ -29,7 +29,7 @@ from engine.preemption import StopRequest
 from engine.pretraining import (Interval, StepContext, build_model, build_optimizer, check_config, collapse_summary,
                                 final_knn, finish_wandb, linear_probe_at_end, load_splits, log_evaluation,
                                 log_interval, log_view_pairs, monitor_metrics, online_classifier_results,
-                                open_records, progress, stopped_message, train_step)
+                                open_records, progress, save_pictures, stopped_message, train_step)
 from engine.resume import (find_resume_state, restore, resumed_config, save_checkpoint, save_encoder,
                            schedule_segments)
 from engine.runlock import hold_run_dir
@@ -137,6 +137,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
         if cfg.eval.linear_at_end:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))
         write_json(run_dir / "summary.json", summary)
+        if cfg.eval.plots:
+            save_pictures(run, model.encoder, splits, dtype)
         if run.wandb_run is not None:
             finish_wandb(run.wandb_run, model.encoder, splits, dtype, run_dir, summary, step, cfg.train.epochs)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)

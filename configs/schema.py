@@ -112,6 +112,9 @@ class EvalConfig:
     online_linear: bool = False  # a linear classifier trained beside pretraining on stop-gradient encoder features
     online_lr: float = 0.1  # its base lr (x global batch / 256), own parameter group: no weight decay, no LARS
     linear_at_end: bool = False  # run the linear probe (probe.*) on the final encoder; results.json in the run dir
+    # At the end: curves.png (loss, kNN top-1, lr against epochs; kNN against seconds) and embedding.png (t-SNE of up
+    # to 1,000 validation features, coloured by class) in the run directory, and as W&B media
+    plots: bool = True
 
 
 @dataclass

@@ -29,7 +29,7 @@ from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation
 from engine.knn import extract_features, extract_features_sharded, knn_top1
 from engine.micro_batch import forward_backward_in_chunks
 from engine.optim import optimizer_and_schedule, set_lr
-from engine.plots import view_pair_grid
+from engine.plots import save_embedding_map, save_training_curves, view_pair_grid
 from engine.preemption import StopRequest
 from engine.tracking import MetricsLog, format_metrics, git_sha, run_facts, start_wandb, write_results
 from losses.diagnostics import embedding_stats
@@ -345,6 +345,23 @@ def linear_probe_at_end(cfg: PretrainConfig, encoder: torch.nn.Module, splits: L
     path = write_results(run_dir, record, splits.classes)
     print(f"linear probe: test top-1 {record['test/top1']:.2f}% (val top-1 {record['val/top1']}) -> {path}", flush=True)
     return {"linear/test_top1": record["test/top1"], "linear/val_top1": record["val/top1"]}
+
+
+def save_pictures(run: RunRecords, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype) -> list[Path]:
+    """curves.png and embedding.png (eval.plots) in the run directory, and as W&B media; returns what was written."""
+    title = f"{run.run_dir.name}: {run.cfg.model.arch}, {run.cfg.train.epochs} epochs"
+    written = [run.run_dir / "curves.png"]
+    save_training_curves(run.metrics.records(), written[0], title)
+    if len(splits.val_labels):
+        shown = slice(0, EMBEDDING_IMAGES)
+        features = extract_features(encoder, splits.val_images[shown], mean=splits.mean, std=splits.std, dtype=dtype)
+        written.append(run.run_dir / "embedding.png")
+        save_embedding_map(features, splits.val_labels[shown], splits.classes, written[1],
+                           f"{title}: t-SNE of {len(features)} validation features", seed=run.cfg.seed)
+    if run.wandb_run is not None:
+        for path in written:
+            run.wandb_run.log_png(f"media/{path.stem}", path, caption=title)
+    return written
 
 
 def finish_wandb(wandb_run, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype, run_dir: Path,

@@ -46,7 +46,7 @@ def tiny_run_args(run_dir: Path, *extra: str) -> list[str]:
     return ["data.name=synthetic", "device=cpu", "model.width=4", "model.proj_dim=16", "data.val_size=200",
             "data.train_limit=600", "train.batch_size=100", "train.epochs=2", "train.log_every=2",
             "eval.knn_every=1", "eval.knn_k=20", "optim.warmup_epochs=0.5", f"run.dir={run_dir}", "run.name=tiny",
-            "wandb.mode=disabled", *extra]
+            "wandb.mode=disabled", "eval.plots=false", *extra]
 
 
 @pytest.fixture(scope="session")

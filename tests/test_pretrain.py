@@ -142,6 +142,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert summary["status"] == "diverged" and summary["step"] > 6 and summary["train/loss"] in ("nan", "inf")
 
 
+def test_a_pretraining_ends_with_its_curves_and_an_embedding_map(tmp_path):
+    """eval.plots (on by default): curves.png and a t-SNE embedding.png of the validation features, real pictures."""
+    import numpy as np
+    from PIL import Image
+
+    result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "eval.plots=true"))
+    assert result.returncode == 0, result.stderr
+    for name, size in (("curves.png", (1200, 840)), ("embedding.png", (840, 720))):
+        image = np.asarray(Image.open(tmp_path / "tiny" / name).convert("L"), dtype=np.float64)
+        assert image.shape[::-1] == size and image.std() > 10, name  # drawn, not blank
+    assert not list((tmp_path / "tiny").glob(".*.tmp"))
+
+
 def test_collapsed_embeddings_are_detected_warned_once_and_recorded(tmp_path):
     """SGD at base lr 1e6: weights explode, the loss stays finite and every view points the same way; the run used
     to end as a plain success. The healthy twin (base lr 0.1) is not flagged."""
