@@ -264,11 +264,16 @@ class ExportConfig:
     # a pretraining run directory (its encoder), an evaluation run directory (its classifier.pt: encoder + head), or
     # one of their files (encoder.pt, checkpoints/last.pt, classifier.pt)
     checkpoint: str = ""
-    format: str = "onnx"  # torchscript (torch.jit) | onnx (dynamic batch, onnxruntime) | safetensors (+ metadata)
+    # torchscript (torch.jit) | onnx (dynamic batch, onnxruntime) | onnx_int8 (statically quantized ONNX: int8
+    # per-channel weights, uint8 activations calibrated on training images) | safetensors (+ metadata)
+    format: str = "onnx"
     out: str = ""  # the file to write, which must not exist; <out>.json beside it records the contract and the check
     check_only: bool = False  # check the existing export at `out` (SHA-256 and outputs) instead of writing one
     check_images: int = 512  # test images (the first of the test split) the export is checked on
-    tolerance: float = 1e-4  # largest allowed max |exported - eager| / max |eager| on those images
+    tolerance: float = 1e-4  # largest allowed max |exported - eager| / max |eager| on those images (not onnx_int8)
+    calibration_images: int = 512  # onnx_int8: training images (the first of the train split) that set the scales
+    max_top1_drop: float = 1.0  # onnx_int8 classifier: largest allowed test top-1 loss against eager, in points
+    min_feature_cosine: float = 0.98  # onnx_int8 encoder: smallest allowed mean cosine of its features to eager's
     data: DataConfig = field(default_factory=DataConfig)  # where the check's test images come from
 
 
@@ -360,4 +365,7 @@ RANGES = {
     "check_images": (1, None, True),
     "images": (1, 256, True),
     "tolerance": (0, None, False),
+    "calibration_images": (1, None, True),
+    "max_top1_drop": (0, 100, True),
+    "min_feature_cosine": (-1, 1, True),
 }

@@ -5,4 +5,4 @@ from __future__ import annotations
 ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")  # models.create_encoder
 LOSS_IMPLS = ("auto", "reference", "fused")  # losses.nt_xent(impl=...)
 OPTIMIZERS = ("lars", "sgd", "adamw")  # engine.optim.create_optimizer
-EXPORT_FORMATS = ("torchscript", "onnx", "safetensors")  # engine.export.write_export
+EXPORT_FORMATS = ("torchscript", "onnx", "onnx_int8", "safetensors")  # engine.export.write_export

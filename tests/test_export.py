@@ -211,3 +211,59 @@ def test_a_classifier_with_non_finite_weights_is_neither_exported_nor_explained(
     assert_user_error_here(capsys, explain_entry.main, [f"checkpoint={broken}", "data.name=synthetic", "device=cpu",
                                                         "wandb.mode=disabled", f"out={tmp_path / 'g.png'}"], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_int8_onnx_is_a_quarter_of_the_file_within_a_point_and_runs_outside_the_project(evaluated_run,
+                                                                                       pretrained_run, tmp_path):
+    """format=onnx_int8: statically quantized (onnxruntime, calibrated on training images, per-channel weights), a
+    dynamic batch, loaded by a bare onnxruntime session in another directory; refused when it strays too far."""
+    import subprocess
+    import sys
+
+    from data import load_source
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    for fmt, out in (("onnx", fp32), ("onnx_int8", int8)):
+        result = run_entry("export.py", f"checkpoint={evaluated_run}", f"format={fmt}", f"out={out}",
+                           "data.name=synthetic", "check_images=1000")
+        assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "int8.onnx.json").read_text())
+    assert record["calibration_images"] == 512 and abs(record["top1_drop"]) <= 1.0
+    assert int8.stat().st_size < 0.4 * fp32.stat().st_size  # width 4: graph overhead weighs more (width 8 below)
+    data = load_source("synthetic", "")
+    np.save(tmp_path / "images.npy", data.test_images.numpy())
+    script = ("import numpy as np, onnxruntime as ort, sys\n"
+              "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+              "x = np.load(sys.argv[2])\n"
+              "out = np.concatenate([s.run(None, {'images': x[i:i + b]})[0] for i, b in ((0, 1), (1, 37), (38, 962))])\n"
+              "print(' '.join(map(str, out.argmax(1))))")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    tops = {}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        ran = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "images.npy")], cwd=outside,
+                             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=300)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        predicted = torch.tensor([int(v) for v in ran.stdout.split()])
+        tops[name] = 100 * (predicted == data.test_labels).float().mean().item()
+    assert abs(tops["fp32"] - tops["int8"]) <= 1.0
+    assert tops["int8"] == pytest.approx(record["top1_int8"], abs=1e-6)  # what export.py measured, independently
+    refused = run_entry("export.py", f"checkpoint={pretrained_run}", "format=onnx_int8",
+                        f"out={tmp_path / 'enc8.onnx'}", "data.name=synthetic", "min_feature_cosine=1.0")
+    assert_user_error(refused, "features have a mean cosine of")
+    assert not (tmp_path / "enc8.onnx").exists()
+
+
+def test_int8_onnx_of_a_width_8_classifier_is_at_most_035x_the_fp32_file(tmp_path):
+    """The size claim at the width of the documented CPU encoder (ResNet-18 width 8 + a 10-class head)."""
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18", 8)
+    source = EncoderFile(encoder.state_dict(), "resnet18", 8, tmp_path / "encoder.pt", "r", "cifar")
+    head = torch.nn.Linear(encoder.feature_dim, 10)
+    model = build_deployable(source, head.state_dict())
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    meta = metadata(source, [str(i) for i in range(10)], "onnx", image_size=32)
+    write_export(model, "onnx", tmp_path / "fp32.onnx", images[:2], meta)
+    write_export(model, "onnx_int8", tmp_path / "int8.onnx", images[:2], meta, calibration=images)
+    assert (tmp_path / "int8.onnx").stat().st_size <= 0.35 * (tmp_path / "fp32.onnx").stat().st_size
+    assert read_metadata(tmp_path / "int8.onnx", "onnx_int8")["classes"] == meta["classes"]
