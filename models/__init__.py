@@ -18,18 +18,31 @@ def is_vit(arch: str) -> bool:
     return arch in SIZES
 
 
-def create_encoder(arch: str, width: Optional[int] = None) -> nn.Module:
-    """A backbone mapping images [B, 3, 32, 32] to features [B, .feature_dim].
+STEMS = ("auto", "cifar", "imagenet")
 
-    arch: resnet18 | resnet34 | resnet50 (CIFAR stem) | vit_tiny | vit_small (patch 4).
-    width: ResNet base width (default 64); ViTs take none.
+
+def resnet_stem(image_size: int, stem: str = "auto") -> str:
+    """``auto``: the CIFAR stem below 96 pixels, the ImageNet stem (7x7 stride 2 + max-pool) from 96 on."""
+    return stem if stem != "auto" else ("imagenet" if image_size >= 96 else "cifar")
+
+
+def create_encoder(arch: str, width: Optional[int] = None, image_size: int = 32, stem: str = "auto") -> nn.Module:
+    """A backbone mapping images [B, 3, S, S] (S = ``image_size``) to features [B, .feature_dim].
+
+    arch: resnet18 | resnet34 | resnet50 | vit_tiny | vit_small. width: ResNet base width (default 64); ViTs take
+    none. stem: the ResNets' (:func:`resnet_stem`). ViTs are built for ``image_size`` (patch 4 up to 48 pixels, 8
+    above). An impossible combination is a ValueError.
     """
     if arch in LAYOUTS:
-        return cifar_resnet(arch, 64 if width is None else width)
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
+        return cifar_resnet(arch, 64 if width is None else width, resnet_stem(image_size, stem))
     if arch in SIZES:
         if width is not None:
             raise ValueError(f"model.width applies to ResNets only, not {arch}")
-        return cifar_vit(arch)
+        if stem not in ("auto", "cifar"):
+            raise ValueError(f"model.stem applies to ResNets only, not {arch}")
+        return cifar_vit(arch, image_size)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 

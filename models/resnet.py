@@ -1,7 +1,8 @@
-"""ResNets with the CIFAR stem (3x3 stride-1 first conv, no max-pool), built from torchvision's own blocks.
+"""ResNets with the CIFAR stem (3x3 stride-1 first conv, no max-pool) or the ImageNet stem (7x7 stride-2 conv and
+a 3x3 stride-2 max-pool, for larger images such as STL-10's 96x96), built from torchvision's own blocks.
 
 Module names match torchvision's ResNet (conv1, bn1, layer1..layer4), so with width 64 the parameters are
-torchvision's minus ``fc`` and with a 3x3 instead of a 7x7 first conv.
+torchvision's minus ``fc`` (and, with the CIFAR stem, with a 3x3 instead of a 7x7 first conv).
 """
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ LAYOUTS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet34": (BasicBlock, (3, 
 class CifarResNet(nn.Module):
     """Backbone only: images [B, 3, H, W] -> pooled features [B, feature_dim]."""
 
-    def __init__(self, block: Block, layers: tuple[int, ...], width: int = 64) -> None:
+    def __init__(self, block: Block, layers: tuple[int, ...], width: int = 64, stem: str = "cifar") -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.inplanes = width
@@ -45,12 +51,12 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
 
-def cifar_resnet(arch: str, width: int = 64) -> CifarResNet:
-    """ResNet-18/34/50 with the CIFAR stem and base width ``width`` (64 = standard)."""
+def cifar_resnet(arch: str, width: int = 64, stem: str = "cifar") -> CifarResNet:
+    """ResNet-18/34/50 with the CIFAR (or ImageNet) stem and base width ``width`` (64 = standard)."""
     block, layers = LAYOUTS[arch]
-    return CifarResNet(block, layers, width)
+    return CifarResNet(block, layers, width, stem)

@@ -1,4 +1,5 @@
-"""Vision Transformers for 32x32 images via timm (patch 4: 64 tokens + a class token)."""
+"""Vision Transformers via timm, for the images' size: patch 4 up to 48 pixels (64 tokens at 32x32), patch 8 above
+(64 tokens at 64x64, 144 at 96x96), plus a class token."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -24,6 +25,15 @@ def _vit_class() -> type:
     return CifarViT
 
 
-def cifar_vit(arch: str, img_size: int = 32, patch_size: int = 4) -> nn.Module:
-    """timm ViT without classifier: images [B, 3, 32, 32] -> class-token features [B, .feature_dim]."""
+def patch_size_for(image_size: int) -> int:
+    """4 up to 48 pixels, 8 above: the token count stays between 36 and a few hundred for 24-160 pixel images."""
+    return 4 if image_size <= 48 else 8
+
+
+def cifar_vit(arch: str, img_size: int = 32, patch_size: int = 0) -> nn.Module:
+    """timm ViT without classifier: images [B, 3, S, S] -> class-token features [B, .feature_dim]; the patch size is
+    :func:`patch_size_for` S unless given, and must divide S."""
+    patch_size = patch_size or patch_size_for(img_size)
+    if img_size % patch_size:
+        raise ValueError(f"{arch} takes images whose size divides into {patch_size}-pixel patches, not {img_size}")
     return _vit_class()(img_size=img_size, patch_size=patch_size, num_classes=0, **SIZES[arch])
