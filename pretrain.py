@@ -30,8 +30,8 @@ from engine.pretraining import (Interval, StepContext, build_model, build_optimi
                                 final_knn, finish_wandb, linear_probe_at_end, load_splits, log_evaluation,
                                 log_interval, log_view_pairs, monitor_metrics, online_classifier_results,
                                 open_records, progress, save_pictures, stopped_message, train_step)
-from engine.resume import (find_resume_state, restore, resumed_config, save_checkpoint, save_encoder,
-                           schedule_segments)
+from engine.resume import (encoder_record, find_resume_state, restore, resumed_config, save_checkpoint,
+                           save_encoder, schedule_segments)
 from engine.runlock import hold_run_dir
 from engine.tracking import decide_wandb_mode, git_sha, keep_wandb_out
 
@@ -60,19 +60,20 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
         print(to_yaml(cfg), flush=True)
 
     # ---------------------------------------------------------------- data: uint8 tensors resident on the device
-    splits = load_splits(cfg, device)
-    train_images, train_labels = splits.train_images, splits.train_labels
+    splits, train_images = load_splits(cfg, device)  # train_images: the labeled train (+ unlabeled) images
+    train_labels = splits.train_labels  # the online classifier's (it refuses data.unlabeled)
     try:
-        sampler = EpochSampler(len(train_labels), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
+        sampler = EpochSampler(len(train_images), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     except ValueError as err:
         raise UserError(f"train.batch_size={cfg.train.batch_size}: {err}") from None
     if dist.is_main():
-        print(f"data: {len(train_labels)} train / {len(splits.val_labels)} val images {tuple(train_images.shape[1:])} "
+        print(f"data: {len(train_images)} train / {len(splits.val_labels)} val images {tuple(train_images.shape[1:])} "
               f"on {device}, {sampler.steps_per_epoch} steps per epoch, {dist.world_size()} process(es)", flush=True)
 
     # ---------------------------------------------------------------- model, augmentation, optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, device, dtype, num_classes=splits.num_classes if cfg.eval.online_linear else None)
+    model = build_model(cfg, device, dtype, num_classes=splits.num_classes if cfg.eval.online_linear else None,
+                        image_size=train_images.shape[-1])
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
                             solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std)
@@ -93,6 +94,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
 
     # ---------------------------------------------------------------- run directory
     run = open_records(cfg, run_dir, wandb_cfg, resume, sampler.steps_per_epoch, device)
+    run.encoder = encoder_record(cfg, splits)
     run.metrics.truncate_after(step if resume is not None else -1)
     monitor = partial(monitor_metrics, model, splits, cfg, dtype)
     if run.wandb_run is not None and step == 0:
@@ -132,7 +134,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
         summary.update(online_classifier_results(model, splits, dtype))
     if dist.is_main():
-        save_encoder(run_dir / ENCODER_FILE, model.encoder, cfg)
+        save_encoder(run_dir / ENCODER_FILE, model.encoder, cfg, splits)
         summary["encoder_sha256"] = sha256_of(run_dir / ENCODER_FILE)  # what evaluations name as their checkpoint
         if cfg.eval.linear_at_end:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))

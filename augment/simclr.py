@@ -18,6 +18,28 @@ NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_ME
                   "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 
 
+@torch.no_grad()
+def image_statistics(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of uint8 images [N, 3, H, W] scaled to [0, 1]. The sums are taken in int64, so they
+    are exact and the same however the work is split (thread counts, processes, devices)."""
+    total = torch.zeros(3, dtype=torch.int64, device=images.device)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].long()
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.numel() / 3
+    mean = [t / count / 255 for t in total.tolist()]
+    std = [max(q / count / 255 ** 2 - m * m, 1e-12) ** 0.5 for q, m in zip(squares.tolist(), mean)]
+    return tuple(mean), tuple(std)
+
+
+def normalization(name: str, images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of aug.normalize ``name``: ``auto`` measures ``images`` (uint8 [N, 3, H, W]), the others are
+    fixed constants (:data:`NORMALIZATIONS`)."""
+    return image_statistics(images) if name == "auto" else NORMALIZATIONS[name]
+
+
 @dataclass
 class JitterParams:
     """Per-sample colour-jitter parameters; identity values (factor 1, hue 0) where jitter is not applied."""

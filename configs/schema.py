@@ -16,13 +16,21 @@ from core.names import ARCHS, EXPORT_FORMATS, LOSS_IMPLS, OPTIMIZERS
 class DataConfig:
     """Where the images come from and how the training images are split."""
 
-    name: str = "cifar10"  # cifar10: the python pickle copy | folder: image folders or an archive | synthetic: tests
+    # cifar10 | cifar100 (fine labels): torchvision's python copy | stl10: the binary copy (96x96, with 100,000
+    # unlabeled images) | folder: image folders or an archive (train/, test/, optionally unlabeled/) | synthetic: tests
+    name: str = "cifar10"
     # cifar10: a directory holding cifar-10-batches-py. folder: an image-folder directory or a .tar/.tar.gz/.tar.xz
     # archive of one (train/<class>/*, test/<class>/*). Kept outside the source tree.
     root: str = "~/.cache/simclr/cifar10"
     download: bool = True  # cifar10 only: fetch from the internet when root holds no copy
     cache_dir: str = "~/.cache/simclr/decoded"  # decoded uint8 arrays of folder/archive sources
     val_size: int = 5000  # images held out of train, class-balanced, for kNN monitoring and model selection
+    # pretraining also trains on the unlabeled images (stl10's, a folder's unlabeled/); monitoring and every
+    # evaluation use the labeled splits only
+    unlabeled: bool = False
+    # pixels per side of every image (and view); 0 = the dataset's own size. A folder of mixed sizes needs one: its
+    # images are resized once at decode time (shorter side, then a centre crop)
+    image_size: int = 0
     train_limit: int = 0  # cap on training images (class-balanced); 0 = all
     split_seed: int = 0  # fixes the validation split independently of `seed`, so runs share one val set
 
@@ -42,6 +50,7 @@ class ModelConfig:
     # view gives (dkobak, lightly), computed in one pass of both views (models/view_bn.py), so it costs no speed
     forward_views: str = "joint"
     sync_bn: bool = True  # global batch norm across processes (ResNets, world size > 1)
+    stem: str = "auto"  # ResNets: cifar (3x3, no max-pool) | imagenet (7x7 stride 2 + max-pool) | auto: imagenet from 96 px
 
 
 @dataclass
@@ -62,7 +71,9 @@ class AugConfig:
     gray_prob: float = 0.2  # probability of converting a view to grayscale
     blur_prob: float = 0.0  # off for CIFAR (paper B.9)
     solarize_prob: float = 0.0  # probability of solarizing a view (BYOL-style; off in SimCLR)
-    normalize: str = "cifar"  # the encoder's input normalization: cifar | imagenet | none (pixels in [0, 1])
+    # the encoder's input normalization: auto (per-channel mean and std of the training images in use, recorded in
+    # encoder.pt) | cifar | imagenet (fixed constants) | none (pixels in [0, 1])
+    normalize: str = "auto"
 
 
 @dataclass
@@ -303,7 +314,8 @@ RESUMABLE_CHANGES = NOT_RESULT_KEYS
 # Allowed values of string keys. An entry of None in a tuple is not used; paths are free-form.
 CHOICES = {
     "device": None,  # checked by core.device
-    "data.name": ("cifar10", "folder", "synthetic"),
+    "data.name": ("cifar10", "cifar100", "stl10", "folder", "synthetic"),
+    "model.stem": ("auto", "cifar", "imagenet"),
     "model.arch": ARCHS,
     "loss.impl": LOSS_IMPLS,
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
@@ -312,7 +324,7 @@ CHOICES = {
     "eval.mode": ("linear", "finetune", "knn"),
     "eval.knn_vote": ("weighted", "majority"),
     "model.forward_views": ("joint", "separate"),
-    "aug.normalize": ("cifar", "imagenet", "none"),
+    "aug.normalize": ("auto", "cifar", "imagenet", "none"),
     "run.backend": ("auto", "nccl", "gloo"),
     "format": EXPORT_FORMATS,
     "method": ("auto", "gradcam", "attention"),
@@ -322,6 +334,7 @@ CHOICES = {
 RANGES = {
     "data.val_size": (0, None, True),
     "data.train_limit": (0, None, True),
+    "data.image_size": (0, None, True),
     "model.width": (1, None, True),
     "model.proj_layers": (1, None, True),
     "model.proj_hidden_dim": (1, None, True),

@@ -34,6 +34,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
 
 
+def check_fits(nbytes: int, device: torch.device, what: str, share: float = 0.5) -> None:
+    """A UserError when ``nbytes`` of data would take more than ``share`` of the memory ``device`` has free (GPU: free
+    device memory; CPU: available RAM), leaving the rest for the model and its activations."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return  # no way to tell here: let the allocation decide
+    if nbytes > share * free:
+        raise UserError(f"{what} needs {nbytes / 2 ** 30:.1f} GiB on {device}, more than {share:.0%} of the "
+                        f"{free / 2 ** 30:.1f} GiB free there: use data.train_limit, a smaller data.image_size, "
+                        "leave data.unlabeled off, or a device with more memory")
+
+
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Mixed precision for the forward pass when dtype is below fp32; a no-op context otherwise."""
     if dtype in (torch.float32, torch.float64):

@@ -1,9 +1,17 @@
-"""Image sources, each returned as uint8 tensors [N, 3, H, W] with int64 labels.
+"""Image sources, each returned as uint8 tensors [N, 3, H, W] with int64 labels (and unlabeled images, when asked).
 
-- ``cifar10``: torchvision's CIFAR10 (``root`` holds ``cifar-10-batches-py``; downloaded when allowed).
+- ``cifar10``, ``cifar100``: the python version torchvision downloads (``root`` holds ``cifar-10-batches-py`` or
+  ``cifar-100-python``; downloaded when allowed), read without unpickling code (``data/formats.py``); CIFAR-100's
+  100 fine labels.
+- ``stl10``: the binary version (``root/stl10_binary``): 5,000 labeled train, 8,000 test and 100,000 unlabeled
+  images of 96x96.
 - ``folder``: an image-folder directory or a .tar/.tar.gz/.tar.xz archive of one, laid out as
-  ``train/<class>/*`` and ``test/<class>/*`` with classes in sorted order; decoded once, then cached.
+  ``train/<class>/*`` and ``test/<class>/*`` with classes in sorted order, and optionally ``unlabeled/`` (any
+  nesting); decoded once, then cached.
 - ``synthetic``: generated images with learnable class structure, for tests and smoke runs.
+
+``image_size`` > 0 makes every image that size (square): folder images are resized once at decode time (the
+shorter side to the size, then a centre crop), other sources' tensors are resized on load.
 """
 from __future__ import annotations
 
@@ -11,23 +19,26 @@ import io
 import lzma
 import tarfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.cache import cached, source_fingerprint
 from core.errors import UserError
+from data.cache import cached, source_fingerprint
+from data.formats import CIFAR_DIRS, STL10_DIR, read_cifar, read_stl10
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz")
 LOCAL_COPY_HINT = (
     "point data.root at a local copy: a directory holding cifar-10-batches-py (data.name=cifar10), "
-    "or an image-folder directory / .tar.xz archive (data.name=folder data.root=PATH)"
+    "cifar-100-python (cifar100) or stl10_binary (stl10), or an image-folder directory / .tar.xz archive "
+    "(data.name=folder data.root=PATH)"
 )
+SOURCES = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
 
 
 @dataclass
@@ -39,49 +50,85 @@ class ImageDataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: list[str]
+    unlabeled_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
 
 
-def load_source(name: str, root: str, *, download: bool = False, cache_dir: str = "") -> ImageDataset:
-    """Load a whole labeled dataset by source name (see module docstring)."""
-    if name == "cifar10":
-        return _load_cifar10(Path(root).expanduser(), download)
-    if name == "folder":
+def load_source(name: str, root: str, *, download: bool = False, cache_dir: str = "", image_size: int = 0,
+                unlabeled: bool = False) -> ImageDataset:
+    """Load a whole dataset by source name (see module docstring): labeled train and test, and with ``unlabeled``
+    its unlabeled images (STL-10's, a folder's unlabeled/); every image ``image_size`` pixels square when > 0."""
+    if name in ("cifar10", "cifar100", "stl10"):
         path = Path(root).expanduser()
-        key = f"folder-{source_fingerprint(path)}" if path.exists() else ""
-        if not key:
+        folder = path / (CIFAR_DIRS.get(name) or STL10_DIR)
+        if not folder.is_dir():
+            _download(name, path, download)
+        if name == "stl10":
+            dataset = ImageDataset(**read_stl10(path, unlabeled))
+        else:
+            dataset = ImageDataset(*read_cifar(path, name))
+    elif name == "folder":
+        path = Path(root).expanduser()
+        if not path.exists():
             raise UserError(f"data.root {root!r} does not exist; {LOCAL_COPY_HINT}")
-        return ImageDataset(**cached(Path(cache_dir).expanduser(), key, lambda: _decode_folder(path).__dict__))
-    if name == "synthetic":
-        return make_synthetic()
-    raise UserError(f"unknown dataset {name!r}; choose cifar10, folder or synthetic")
+        key = f"folder-{source_fingerprint(path)}" + (f"-s{image_size}" if image_size else "") + \
+            ("-u" if unlabeled else "")
+        dataset = ImageDataset(**cached(Path(cache_dir).expanduser(), key,
+                                        lambda: _decode_folder(path, image_size, unlabeled).__dict__))
+    elif name == "synthetic":
+        dataset = make_synthetic(size=image_size or 32)
+    else:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(SOURCES)}")
+    if unlabeled and not len(dataset.unlabeled_images):
+        where = "images under unlabeled/ (beside train/ and test/)" if name == "folder" else "unlabeled images"
+        raise UserError(f"data.unlabeled=true, but data.name={name} {root!r} has no {where}")
+    return resized(dataset, image_size) if image_size and image_size != dataset.image_size else dataset
 
 
-def _load_cifar10(root: Path, download: bool) -> ImageDataset:
-    from torchvision.datasets import CIFAR10  # imported here: torchvision's import is slow and other sources skip it
+def _download(name: str, root: Path, allowed: bool) -> None:
+    """Fetch a dataset's official archive into ``root`` with torchvision's downloader (checked by its MD5)."""
+    label = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10"}[name]
+    if not allowed:
+        raise UserError(f"no {label} under {str(root)!r} and data.download=false; {LOCAL_COPY_HINT}")
+    from torchvision import datasets  # imported here: torchvision's import is slow and other sources skip it
+    from torchvision.datasets.utils import download_and_extract_archive
 
-    if not (root / "cifar-10-batches-py").is_dir() and not download:
-        raise UserError(f"no CIFAR-10 under {str(root)!r} and data.download=false; {LOCAL_COPY_HINT}")
+    spec = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}[name]
     try:
-        splits = [CIFAR10(str(root), train=train, download=download) for train in (True, False)]
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError on bad files
-        raise UserError(f"could not load CIFAR-10 from {str(root)!r} ({err}); {LOCAL_COPY_HINT}") from None
-
-    def to_tensors(ds) -> Tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
-        return images, torch.tensor(ds.targets, dtype=torch.int64)
-
-    (tr_x, tr_y), (te_x, te_y) = map(to_tensors, splits)
-    return ImageDataset(tr_x, tr_y, te_x, te_y, list(splits[0].classes))
+        download_and_extract_archive(spec.url, str(root), filename=spec.filename, md5=spec.tgz_md5)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad checksum a RuntimeError
+        raise UserError(f"could not download {label} into {str(root)!r} ({err}); {LOCAL_COPY_HINT}") from None
 
 
-def _decode_folder(path: Path) -> ImageDataset:
-    """Decode every image under train/ and test/ of a directory or archive into uint8 tensors."""
-    files: dict[str, dict[str, list[Tuple[str, bytes]]]] = {"train": {}, "test": {}}
+def resized(dataset: ImageDataset, size: int) -> ImageDataset:
+    """Every split's images resized to size x size (antialiased bilinear, rounded back to uint8)."""
+    def resize(images: torch.Tensor) -> torch.Tensor:
+        if not len(images):
+            return torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        out = [torch.nn.functional.interpolate(images[i:i + 1024].float(), size=(size, size), mode="bilinear",
+                                               antialias=True, align_corners=False)
+               for i in range(0, len(images), 1024)]
+        return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
+
+    return ImageDataset(resize(dataset.train_images), dataset.train_labels, resize(dataset.test_images),
+                        dataset.test_labels, dataset.classes, resize(dataset.unlabeled_images))
+
+
+def _decode_folder(path: Path, image_size: int = 0, unlabeled: bool = False) -> ImageDataset:
+    """Decode every image under train/ and test/ (and unlabeled/, when asked) of a directory or archive."""
+    files: dict[str, dict[str, list[Tuple[str, bytes]]]] = {"train": {}, "test": {}, "unlabeled": {}}
     for rel, payload in _iter_image_files(path):
         parts = Path(rel).parts
-        # Accept an optional top-level folder: [prefix/]split/class/file
-        for i in range(len(parts) - 2):
-            if parts[i] in files and len(parts) - i == 3:
+        # Accept an optional top-level folder: [prefix/]split/class/file, [prefix/]unlabeled/any/depth/file
+        for i in range(len(parts) - 1):
+            if parts[i] == "unlabeled" and (i == 0 or parts[i - 1] not in ("train", "test")):
+                if unlabeled:
+                    files["unlabeled"].setdefault("", []).append((rel, payload))
+                break
+            if parts[i] in ("train", "test") and len(parts) - i == 3:
                 files[parts[i]].setdefault(parts[i + 1], []).append((rel, payload))
                 break
     if not files["train"]:
@@ -90,27 +137,42 @@ def _decode_folder(path: Path) -> ImageDataset:
     classes = sorted(files["train"])
     if files["test"] and sorted(files["test"]) != classes:
         raise UserError(f"{str(path)!r}: test classes {sorted(files['test'])} differ from train classes {classes}")
-    arrays = {split: _decode_split(files[split], classes) for split in ("train", "test")}
-    return ImageDataset(*arrays["train"], *arrays["test"], classes)
+    shape: list = []  # the first image's shape: every split must match it (unless image_size resizes them)
+    arrays = {split: _decode_split(files[split], classes if split != "unlabeled" else [""], image_size, shape)
+              for split in ("train", "test", "unlabeled")}
+    return ImageDataset(*arrays["train"], *arrays["test"], classes, arrays["unlabeled"][0])
 
 
-def _decode_split(by_class: dict[str, list[Tuple[str, bytes]]], classes: list[str]) -> Tuple[torch.Tensor, ...]:
-    images, labels, shape = [], [], None
+def _decode_split(by_class: dict[str, list[Tuple[str, bytes]]], classes: list[str], image_size: int = 0,
+                  shape: Optional[list] = None) -> Tuple[torch.Tensor, ...]:
+    """uint8 images [N, 3, H, W] and labels of one split; all of one size (``shape`` holds the first one seen, as
+    (file, height, width)), or resized to ``image_size`` square when it is given."""
+    images, labels = [], []
+    shape = [] if shape is None else shape
     for label, cls in enumerate(classes):
         for rel, payload in sorted(by_class.get(cls, [])):
             try:
                 with Image.open(io.BytesIO(payload)) as img:
-                    array = np.asarray(img.convert("RGB"))
+                    rgb = img.convert("RGB")
+                    if image_size:
+                        rgb = ImageOps.fit(rgb, (image_size, image_size), Image.Resampling.BICUBIC)
+                    array = np.asarray(rgb)
             except (UnidentifiedImageError, OSError, SyntaxError) as err:
                 raise UserError(f"cannot decode image {rel!r}: {err}") from None
-            if shape is None:
-                shape = array.shape
-            elif array.shape != shape:
-                raise UserError(f"image {rel!r} is {array.shape[1]}x{array.shape[0]}, others are {shape[1]}x{shape[0]}")
+            if not shape:
+                shape.append((rel, *array.shape[:2]))
+                if array.shape[0] != array.shape[1]:
+                    raise UserError(f"image {rel!r} is {array.shape[1]}x{array.shape[0]}, not square; give "
+                                    "data.image_size=S to resize every image to S x S")
+            elif array.shape[:2] != shape[0][1:]:
+                first, h, w = shape[0]
+                raise UserError(f"images differ in size: {rel!r} is {array.shape[1]}x{array.shape[0]}, {first!r} is "
+                                f"{w}x{h}; give data.image_size=S to resize every image to S x S at decode time")
             images.append(array)
             labels.append(label)
     if not images:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+        size = image_size or (shape[0][1] if shape else 1)
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return stacked, torch.tensor(labels, dtype=torch.int64)
 

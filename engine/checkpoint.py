@@ -5,12 +5,14 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from augment import NORMALIZATIONS
 from core.errors import UserError
+from models import create_encoder
 
 
 CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/last.pt: what a run continues from
@@ -76,6 +78,23 @@ class EncoderFile:
     path: Path  # the file actually read
     run_name: str  # the pretraining run directory's name (for default evaluation names)
     normalize: str = "cifar"  # the input normalization it was trained with (aug.normalize; older files: cifar)
+    image_size: int = 32  # pixels per side it was trained at (older files: 32)
+    stem: str = "auto"  # a ResNet's stem (older files: auto, which is the CIFAR stem at 32)
+    mean: Optional[Sequence[float]] = None  # its input normalization's statistics; None: the named constants
+    std: Optional[Sequence[float]] = None
+    classes: Optional[list] = None  # the pretraining dataset's classes, where recorded
+
+    def statistics(self) -> tuple:
+        """(mean, std) the encoder's inputs are normalized with (pixels in [0, 1])."""
+        if self.mean is not None and self.std is not None:
+            return tuple(self.mean), tuple(self.std)
+        if self.normalize not in NORMALIZATIONS:
+            raise UserError(f"{str(self.path)!r} names an unknown input normalization {self.normalize!r}")
+        return NORMALIZATIONS[self.normalize]
+
+    def build(self) -> nn.Module:
+        """The architecture it holds weights for, randomly initialized (load ``state`` strictly into it)."""
+        return create_encoder(self.arch, self.width, self.image_size, self.stem)
 
 
 def read_encoder(spec: str) -> EncoderFile:
@@ -92,13 +111,14 @@ def read_encoder(spec: str) -> EncoderFile:
 
 def encoder_from_state(state: dict, path: Path) -> EncoderFile:
     """The encoder inside a loaded encoder.pt, classifier.pt or pretraining checkpoint; non-finite weights refused."""
-    if "encoder" in state and "arch" in state:  # encoder.pt
+    if "encoder" in state and "arch" in state:  # encoder.pt (or classifier.pt)
         encoder_state, arch = state["encoder"], state["arch"]
         normalize = state.get("normalize", "cifar")
         run_dir = path.parent
     elif "model" in state and "config" in state:  # a pretraining checkpoint: the SimCLR module's state
         encoder_state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-        arch = {"arch": state["config"]["model"]["arch"], "width": state["config"]["model"].get("width")}
+        model = state["config"]["model"]
+        arch = state.get("arch") or {"arch": model["arch"], "width": model.get("width")}  # older: no "arch"
         normalize = state["config"].get("aug", {}).get("normalize", "cifar")
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
     else:
@@ -107,7 +127,9 @@ def encoder_from_state(state: dict, path: Path) -> EncoderFile:
     if not encoder_state:
         raise UserError(f"{str(path)!r} holds no encoder weights")
     refuse_non_finite(encoder_state, "encoder", path)
-    return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize)
+    return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize,
+                       int(arch.get("image_size", 32)), arch.get("stem", "auto"), state.get("mean"), state.get("std"),
+                       state.get("classes"))
 
 
 def refuse_non_finite(state: dict, what: str, path: Path, consequence: str = "it is not used") -> None:
@@ -129,12 +151,13 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def classifier_state(encoder: nn.Module, head: nn.Linear, *, arch: str, width: Optional[int], normalize: str,
-                     classes: list[str], **provenance) -> dict:
-    """What classifier.pt holds: an encoder.pt (``encoder``, ``arch``, ``normalize``; so evaluations can start from
-    it too) plus the trained ``head`` (weight [C, d], bias [C], on raw encoder features) and the class names."""
-    return {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-            "arch": {"arch": arch, "width": width}, "normalize": normalize,
+def classifier_state(encoder: nn.Module, head: nn.Linear, *, arch: dict, normalize: str, mean: Sequence[float],
+                     std: Sequence[float], classes: list[str], **provenance) -> dict:
+    """What classifier.pt holds: an encoder.pt (``encoder``, ``arch`` for ``create_encoder(**arch)``, the input
+    normalization; so evaluations can start from it too) plus the trained ``head`` (weight [C, d], bias [C], on raw
+    encoder features) and the class names."""
+    return {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}, "arch": dict(arch),
+            "normalize": normalize, "mean": list(mean), "std": list(std),
             "head": {k: v.detach().cpu() for k, v in head.state_dict().items()}, "classes": list(classes),
             **provenance}
 

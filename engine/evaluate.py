@@ -134,9 +134,11 @@ def _augmented_features(encoder: nn.Module, images: torch.Tensor, splits: Labele
 
 
 def augment_batch(images: torch.Tensor, splits: LabeledSplits, generator: torch.Generator) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> normalized float views after random crop (padding 4) and horizontal flip."""
-    offsets, flip = sample_crop_flip(images.shape[0], 4, generator, images.device)
-    x = padded_crop_flip(images, 4, offsets, flip).float().div_(255)
+    """uint8 [B, 3, H, W] -> normalized float views after random crop and horizontal flip; the crop pads by an eighth
+    of the image (4 pixels at 32, 12 at 96), as the CIFAR protocol does at 32."""
+    pad = max(1, round(images.shape[-1] / 8))
+    offsets, flip = sample_crop_flip(images.shape[0], pad, generator, images.device)
+    x = padded_crop_flip(images, pad, offsets, flip).float().div_(255)
     x = normalize(x, splits.mean, splits.std)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 

@@ -18,12 +18,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from augment import NORMALIZATIONS
 from core.errors import UserError
 from core.files import atomic_write
 from core.names import EXPORT_FORMATS
 from engine.checkpoint import EncoderFile, load_strict
-from models import create_encoder
 
 METADATA_KEY = "simclr_cifar"  # where each format keeps the JSON metadata (TorchScript extra file, ONNX property)
 # What each format needs beyond torch (setup.cfg's [export] extra)
@@ -51,15 +49,13 @@ class Deployable(nn.Module):
 
 def build_deployable(encoder_file: EncoderFile, head: Optional[dict] = None) -> Deployable:
     """The eager model of a pretraining run's encoder (``head`` None) or an evaluation's classifier, in eval mode."""
-    encoder = create_encoder(encoder_file.arch, encoder_file.width)
+    encoder = encoder_file.build()
     load_strict(encoder, encoder_file.state, f"{str(encoder_file.path)!r}")
     linear = None
     if head is not None:
         linear = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
         load_strict(linear, head, f"the head in {str(encoder_file.path)!r}")
-    if encoder_file.normalize not in NORMALIZATIONS:
-        raise UserError(f"{str(encoder_file.path)!r} names an unknown input normalization {encoder_file.normalize!r}")
-    return Deployable(encoder, *NORMALIZATIONS[encoder_file.normalize], head=linear).eval()
+    return Deployable(encoder, *encoder_file.statistics(), head=linear).eval()
 
 
 def input_contract(image_size: int) -> str:
@@ -68,8 +64,10 @@ def input_contract(image_size: int) -> str:
 
 def metadata(encoder_file: EncoderFile, classes: Optional[list[str]], fmt: str, image_size: int) -> dict:
     """What an export records about itself: enough to rebuild it (safetensors) and to feed it correctly."""
+    mean, std = encoder_file.statistics()
     return {"format": fmt, "kind": "classifier" if classes else "encoder", "arch": encoder_file.arch,
-            "width": encoder_file.width, "normalize": encoder_file.normalize, "classes": classes,
+            "width": encoder_file.width, "image_size": encoder_file.image_size, "stem": encoder_file.stem,
+            "normalize": encoder_file.normalize, "mean": list(mean), "std": list(std), "classes": classes,
             "input": input_contract(image_size), "output": "logits [N, C]" if classes else "features [N, D]",
             "source": str(encoder_file.path)}
 
@@ -208,8 +206,9 @@ def rebuild_from_safetensors(path: Path) -> Deployable:
     state = load_file(str(path))
     head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")} or None
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    return build_deployable(EncoderFile(encoder, meta["arch"], meta["width"], Path(path), "", meta["normalize"]),
-                            head)
+    return build_deployable(EncoderFile(encoder, meta["arch"], meta["width"], Path(path), "", meta["normalize"],
+                                        meta.get("image_size", 32), meta.get("stem", "auto"), meta.get("mean"),
+                                        meta.get("std")), head)
 
 
 def _jit_load(path: Path, extra_files: Optional[dict] = None) -> torch.jit.ScriptModule:

@@ -16,10 +16,11 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm import tqdm
 
-from augment import NORMALIZATIONS, SimCLRAugment
+from augment import SimCLRAugment, normalization
 from configs.load import to_dict, to_yaml
 from configs.schema import PretrainConfig
 from core import dist
+from core.device import check_fits
 from core.errors import Diverged, UserError
 from core.files import write_json, write_text_atomic
 from data import EpochSampler, load_source, seeded_generator, split_train_val
@@ -52,36 +53,50 @@ def check_config(cfg: PretrainConfig) -> None:
         raise UserError("eval.knn_every > 0 needs a validation split: set data.val_size > 0 (or eval.knn_every=0)")
     if cfg.eval.linear_at_end:
         check_probe_config(cfg.probe, cfg.data.val_size)
+    if cfg.data.unlabeled and cfg.eval.online_linear:
+        raise UserError("eval.online_linear trains on labeled batches, and with data.unlabeled=true most images have "
+                        "no label: score the encoder with eval.linear_at_end=true (or finetune.py) instead")
     if cfg.model.forward_views == "separate" and cfg.model.sync_bn and dist.world_size() > 1:
         raise UserError("model.forward_views=separate computes per-view statistics on each process; global batch norm "
                         "per view is not implemented: set model.sync_bn=false (the peers' default) or "
                         "model.forward_views=joint")
 
 
-def load_splits(cfg: PretrainConfig, device: torch.device) -> LabeledSplits:
-    """uint8 train / validation / test images and labels on ``device``, with the encoder's input normalization. The
-    validation split (data.val_size) is held out of train; the test split is only read by evaluations."""
-    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
+def load_splits(cfg: PretrainConfig, device: torch.device) -> tuple[LabeledSplits, torch.Tensor]:
+    """(uint8 train / validation / test images and labels on ``device`` with the encoder's input normalization, the
+    images pretraining trains on: the labeled training split, plus the unlabeled images with data.unlabeled). The
+    validation split (data.val_size) is held out of the labeled train; the test split is only read by evaluations.
+    A dataset that does not fit the device is refused before it is moved there."""
+    data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir,
+                       image_size=cfg.data.image_size, unlabeled=cfg.data.unlabeled)
     if not len(data.test_labels) and (cfg.eval.knn_test_monitor or cfg.eval.online_linear or cfg.eval.linear_at_end):
         raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*), which eval.knn_test_monitor, "
                         "eval.online_linear and eval.linear_at_end score")
     train_idx, val_idx = split_train_val(data.train_labels, cfg.data.val_size, cfg.data.train_limit,
                                          cfg.data.split_seed)
-    return LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
-                         data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
-                         data.test_images.to(device), data.test_labels.to(device), list(data.classes),
-                         *NORMALIZATIONS[cfg.aug.normalize])
+    check_fits(sum(t.numel() for t in (data.train_images, data.test_images, data.unlabeled_images)), device,
+               f"data.name={cfg.data.name} (uint8 images: train, test and unlabeled)")
+    train = data.train_images[train_idx].to(device)
+    images = torch.cat([train, data.unlabeled_images.to(device)]) if cfg.data.unlabeled else train
+    splits = LabeledSplits(train, data.train_labels[train_idx].to(device), data.train_images[val_idx].to(device),
+                           data.train_labels[val_idx].to(device), data.test_images.to(device),
+                           data.test_labels.to(device), list(data.classes), *normalization(cfg.aug.normalize, images))
+    return splits, images
 
 
 def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = torch.float32,
-                num_classes: Optional[int] = None) -> SimCLR:
+                num_classes: Optional[int] = None, image_size: int = 32) -> SimCLR:
     """Encoder + projection head + loss settings from the config, on ``device``; global batch norm under torchrun.
     ``num_classes`` adds the online linear classifier (eval.online_linear).
 
     Parameters are fp64 when ``dtype`` is (train.precision=fp64), fp32 otherwise (bf16 autocasts the encoder and
     head, the loss stays fp32: ``SimCLR.compute_dtype``); on CUDA the
-    model is channels_last (NHWC: the layout cuDNN's fastest convolutions and bf16 tensor cores want)."""
-    encoder = create_encoder(cfg.model.arch, cfg.model.width)
+    model is channels_last (NHWC: the layout cuDNN's fastest convolutions and bf16 tensor cores want). The encoder is
+    built for ``image_size`` pixels (a ViT's patch grid, a ResNet's stem: model.stem)."""
+    try:
+        encoder = create_encoder(cfg.model.arch, cfg.model.width, image_size, cfg.model.stem)
+    except ValueError as err:
+        raise UserError(f"model.arch={cfg.model.arch} at {image_size} pixels: {err}") from None
     hidden = cfg.model.proj_hidden_dim or encoder.feature_dim
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers,
                            hidden_bn=cfg.model.proj_bn, out_bn=cfg.model.proj_out_bn)
@@ -166,6 +181,7 @@ class RunRecords:
     steps_per_epoch: int
     started: float = field(default_factory=time.perf_counter)  # training began in this process
     collapse_warned: bool = False
+    encoder: dict = field(default_factory=dict)  # what rebuilds and feeds the encoder (engine.resume.encoder_record)
 
     @property
     def checkpoint(self) -> Path:
@@ -208,7 +224,7 @@ class Interval:
     """What the steps between two log points add up to, kept on the device: no host sync until it is read."""
 
     def __init__(self, device: torch.device) -> None:
-        self.loss = torch.zeros((), device=device)
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)  # the mean over ranks must not round
         self.online_correct = torch.zeros((), device=device, dtype=torch.long)
         self.steps, self.views, self.tick = 0, 0, time.perf_counter()
 

@@ -17,7 +17,8 @@ from core.files import atomic_save
 from engine.checkpoint import ENCODER_FILE, last_checkpoint, load_file, load_strict, refuse_non_finite
 from engine.pretraining import RunRecords
 from engine.tracking import git_sha
-from models import SimCLR
+from engine.evaluate import LabeledSplits
+from models import SimCLR, is_vit, resnet_stem
 
 
 def save_checkpoint(run: RunRecords, model: SimCLR, optimizer: torch.optim.Optimizer, step: int, epoch: int,
@@ -27,17 +28,27 @@ def save_checkpoint(run: RunRecords, model: SimCLR, optimizer: torch.optim.Optim
     if dist.is_main():
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                      "config": to_dict(run.cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
-                     "git_sha": git_sha(), "wandb_run_id": run.wandb_run.id if run.wandb_run else None},
-                    run.checkpoint)
+                     "git_sha": git_sha(), "wandb_run_id": run.wandb_run.id if run.wandb_run else None,
+                     **run.encoder}, run.checkpoint)
     dist.barrier()  # no rank runs ahead of a checkpoint that a restart would need
 
 
-def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig) -> None:
-    """Backbone weights plus what rebuilds it, ``create_encoder(**file["arch"])``, and the input normalization it
-    expects (``file["normalize"]``: a name of ``augment.NORMALIZATIONS``)."""
-    atomic_save({"encoder": encoder.state_dict(), "arch": {"arch": cfg.model.arch, "width": cfg.model.width},
-                 "normalize": cfg.aug.normalize, "feature_dim": encoder.feature_dim, "config": to_dict(cfg),
-                 "git_sha": git_sha()}, path)
+def encoder_record(cfg: PretrainConfig, splits: LabeledSplits) -> dict:
+    """What rebuilds and feeds the encoder, kept in encoder.pt and every checkpoint: ``arch`` for
+    ``create_encoder(**arch)`` (architecture, width, image size, the resolved ResNet stem), the input normalization
+    ``mean`` / ``std`` (per channel, pixels in [0, 1]) with its name (aug.normalize), and the class names."""
+    size = int(splits.train_images.shape[-1])
+    arch = {"arch": cfg.model.arch, "width": cfg.model.width, "image_size": size}
+    if not is_vit(cfg.model.arch):
+        arch["stem"] = resnet_stem(size, cfg.model.stem)
+    return {"arch": arch, "normalize": cfg.aug.normalize, "mean": list(splits.mean), "std": list(splits.std),
+            "classes": list(splits.classes)}
+
+
+def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig, splits: LabeledSplits) -> None:
+    """Backbone weights plus :func:`encoder_record`: ``create_encoder(**file["arch"])`` rebuilds it."""
+    atomic_save({"encoder": encoder.state_dict(), **encoder_record(cfg, splits), "feature_dim": encoder.feature_dim,
+                 "config": to_dict(cfg), "git_sha": git_sha()}, path)
 
 
 def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> tuple[Optional[dict], Optional[Path]]:

@@ -46,4 +46,4 @@ def create_encoder(arch: str, width: Optional[int] = None, image_size: int = 32,
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
-__all__ = ["ARCHS", "SimCLR", "create_encoder", "is_vit", "projection_head"]
+__all__ = ["ARCHS", "SimCLR", "create_encoder", "is_vit", "projection_head", "resnet_stem"]
