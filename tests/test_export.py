@@ -221,6 +221,7 @@ def test_int8_onnx_is_a_quarter_of_the_file_within_a_point_and_runs_outside_the_
     import sys
 
     from data import load_source
+    from tests.conftest import REPO
 
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     for fmt, out in (("onnx", fp32), ("onnx_int8", int8)):
@@ -248,6 +249,11 @@ def test_int8_onnx_is_a_quarter_of_the_file_within_a_point_and_runs_outside_the_
         tops[name] = 100 * (predicted == data.test_labels).float().mean().item()
     assert abs(tops["fp32"] - tops["int8"]) <= 1.0
     assert tops["int8"] == pytest.approx(record["top1_int8"], abs=1e-6)  # what export.py measured, independently
+    bench = subprocess.run([sys.executable, "bench/onnx_latency.py", str(fp32), str(int8), "--repeats", "2",
+                            "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in bench.stdout.splitlines()]
+    assert [(r["model"], r["shape"][0]) for r in rows] == [("fp32.onnx", 1), ("fp32.onnx", 256), ("int8.onnx", 1),
+                                                           ("int8.onnx", 256)] and all(r["figure"] > 0 for r in rows)
     refused = run_entry("export.py", f"checkpoint={pretrained_run}", "format=onnx_int8",
                         f"out={tmp_path / 'enc8.onnx'}", "data.name=synthetic", "min_feature_cosine=1.0")
     assert_user_error(refused, "features have a mean cosine of")
