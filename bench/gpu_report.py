@@ -18,7 +18,8 @@ stage whose estimate no longer fits what is left is skipped, and says so. Stages
 Later runs (``--stages``): ``lightly-e200`` (lightly's recipe; its protocol, the maximum over epochs of a k=200
 weighted kNN on test, flagged as chosen on test, and ours, the final encoder, beside it), ``speedrun`` (the speedrun
 recipe, its kNN-vs-seconds curve, then dkobak's protocol), ``profile`` (bench/profile_step.py: top kernels, launch
-gaps, the next speed lever).
+gaps, the next speed lever), ``micro_batch`` (ResNet-18 at batch 4,096 and ResNet-50 at 2,048 in chunks: peak memory
+and views/s beside the whole batch).
 
 OUTDIR gets at most 8 files, none in subfolders: ``report.jsonl`` (every JSON line of every stage, tagged with it,
 plus the plan and each stage's start and end), ``log.txt`` (all output), ``<stage>_metrics.jsonl`` for each
@@ -311,6 +312,19 @@ def run_step(report: Report, stage: Stage, args: argparse.Namespace) -> None:
     report.run(stage.name, cmd, min(stage.cap_s, report.left()))
 
 
+def run_micro_batch(report: Report, stage: Stage, args: argparse.Namespace) -> None:
+    """Batches larger than memory on one GPU: ResNet-18 at batch 4,096 and ResNet-50 at 2,048, in chunks, with peak
+    memory and views/s beside the whole batch (bench/step.py --micro-batch)."""
+    runs = [("resnet18", "32", "16")] if args.tiny else [("resnet18", "4096", "512"), ("resnet50", "2048", "256")]
+    for arch, batch, micro in runs:
+        device = ["--device", "cpu", "--width", "8", "--precisions", "fp32", "--compile", "off", "--warmup", "1",
+                  "--steps", "2"] if args.tiny else ["--device", "cuda", "--precisions", "bf16", "--compile", "on",
+                                                     "--warmup", "5", "--steps", "10"]
+        cmd = [sys.executable, "bench/step.py", "--archs", arch, "--batches", batch, "--micro-batch", micro,
+               "--no-baseline", "--no-stages", "--peers", *device]
+        report.run(stage.name, cmd, min(stage.cap_s, report.left()))
+
+
 def run_profile(report: Report, stage: Stage, args: argparse.Namespace) -> None:
     cmd = [sys.executable, "bench/profile_step.py", "--out", str(report.out / "profile.txt")]
     cmd += ["--device", "cpu", "--quick"] if args.tiny else ["--device", "cuda"]
@@ -328,9 +342,10 @@ STAGES = [
     Stage("lightly-e200", 420, 560, pretrain_and_evaluate),
     Stage("speedrun", 420, 540, pretrain_and_evaluate),
     Stage("profile", 60, 100, run_profile),
+    Stage("micro_batch", 150, 240, run_micro_batch),
 ]
 TINY_ESTIMATES = {"tests": 8, "data_cost": 20, "kobak-e100": 40, "loss": 8, "step": 60, "lightly-e200": 40,
-                  "speedrun": 40, "profile": 15}
+                  "speedrun": 40, "profile": 15, "micro_batch": 30}
 DEFAULT_STAGES = ["data_cost", "tests", "kobak-e100", "loss", "step"]
 
 

@@ -47,18 +47,18 @@ def test_gpu_report_tiny_run_on_cpu(archive, decoded_cache, tmp_path):
     report.jsonl; the pretrainings' curves, speeds and protocol rows; at most 8 files (figures are not asserted)."""
     out = tmp_path / "out"
     result = run_report(out, archive, decoded_cache, "--stages", "data_cost", "tests", "kobak-e100", "loss", "step",
-                        "lightly-e200", "speedrun", "profile")
+                        "lightly-e200", "speedrun", "profile", "micro_batch")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_jsonl(out / "report.jsonl")
     assert result.stdout.splitlines() == [json.dumps(r) for r in rows]  # shown as written
-    names = ["data_cost", "tests", "kobak-e100", "loss", "step", "lightly-e200", "speedrun", "profile"]
+    names = ["data_cost", "tests", "kobak-e100", "loss", "step", "lightly-e200", "speedrun", "profile", "micro_batch"]
     assert [r["stage"] for r in rows if r["what"] == "report/plan"] == names
     assert all(r["fits"] for r in rows if r["what"] == "report/plan")
     assert sorted(r["stage"] for r in rows if r["what"] == "report/stage_end") == sorted(names)
     by_what = {r["what"]: r for r in rows}
     assert by_what["tests/gpu"]["figure"] == 0
     assert by_what["data_cost/skipped"]["reason"].startswith("airbench94 trains on CUDA only")
-    assert {"loss/fused/time", "loss/reference/time", "profile/step_ms"} <= set(by_what)
+    assert {"loss/fused/time", "loss/reference/time", "profile/step_ms", "memory/micro_batch_over_whole"} <= set(by_what)
     for stage in ("kobak-e100", "lightly-e200", "speedrun"):
         pretraining = by_what[f"{stage}/pretrain"]
         assert pretraining["status"] == "finished" and pretraining["figure"] > 0 and pretraining["epochs_done"] == 2
@@ -69,6 +69,8 @@ def test_gpu_report_tiny_run_on_cpu(archive, decoded_cache, tmp_path):
     assert knn10["published"] == 83.2 and knn10["difference"] == round(knn10["figure"] - 83.2, 2)
     assert by_what["lightly-e200/knn200_max"]["published"] == 84.8 and 0 < by_what["lightly-e200/knn200"]["figure"]
     check_step_rows([r for r in rows if r.get("stage") == "step" and r["what"].startswith(("step/", "stage/"))])
+    micro = [r for r in rows if r.get("stage") == "micro_batch" and r["what"].startswith("memory/peak")]
+    assert len(micro) == 2 and all(r["figure"] > 0 for r in micro)
     files = {p.name for p in out.iterdir()}
     assert files == {"report.jsonl", "log.txt", "kobak-e100_metrics.jsonl", "lightly-e200_metrics.jsonl",
                      "speedrun_metrics.jsonl", "profile.txt"} and by_what["report/files"]["figure"] == len(files)

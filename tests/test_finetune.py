@@ -173,19 +173,22 @@ def test_existing_results_are_never_overwritten(tmp_path, pretrained, capsys):
 
 
 def test_evaluations_feed_the_encoder_its_pretraining_normalization(tmp_path, pretrained):
-    """An encoder pretrained with aug.normalize=none is evaluated on pixels in [0, 1], one with imagenet on ImageNet
-    statistics; files from before the key existed (no "normalize" entry) mean CIFAR-10 statistics."""
+    """encoder.pt records the statistics its inputs were normalized with (aug.normalize=auto: measured); files that
+    record only a name (none: pixels in [0, 1], imagenet) mean those constants; files from before the key existed
+    mean CIFAR-10 statistics."""
     from augment import CIFAR10_MEAN, CIFAR10_STD, NORMALIZATIONS
     from engine.checkpoint import read_encoder
 
     state = torch.load(pretrained / "encoder.pt", weights_only=False)
+    assert state["normalize"] == "auto" and read_encoder(str(pretrained)).statistics() == (
+        tuple(state["mean"]), tuple(state["std"]))
+    named = {k: v for k, v in state.items() if k not in ("mean", "std")}
     for name in ("none", "imagenet"):
-        torch.save({**state, "normalize": name}, tmp_path / f"{name}.pt")
-        assert finetune_entry.input_normalization(read_encoder(str(tmp_path / f"{name}.pt"))) == NORMALIZATIONS[name]
-    del state["normalize"]
-    torch.save(state, tmp_path / "old.pt")
-    assert finetune_entry.input_normalization(read_encoder(str(tmp_path / "old.pt"))) == (CIFAR10_MEAN, CIFAR10_STD)
-    assert finetune_entry.input_normalization(None) == (CIFAR10_MEAN, CIFAR10_STD)
-    torch.save({**state, "normalize": "zca"}, tmp_path / "odd.pt")
+        torch.save({**named, "normalize": name}, tmp_path / f"{name}.pt")
+        assert read_encoder(str(tmp_path / f"{name}.pt")).statistics() == NORMALIZATIONS[name]
+    del named["normalize"]
+    torch.save(named, tmp_path / "old.pt")
+    assert read_encoder(str(tmp_path / "old.pt")).statistics() == (CIFAR10_MEAN, CIFAR10_STD)
+    torch.save({**named, "normalize": "zca"}, tmp_path / "odd.pt")
     with pytest.raises(Exception, match="unknown input normalization 'zca'"):
-        finetune_entry.input_normalization(read_encoder(str(tmp_path / "odd.pt")))
+        read_encoder(str(tmp_path / "odd.pt")).statistics()

@@ -128,10 +128,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     first = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0"))
     assert first.returncode == 0, first.stderr
     ckpt = tmp_path / "tiny" / "checkpoints" / "last.pt"
-    # The same recipe continued (resume refuses a changed one) from a checkpoint whose last head bias overflowed:
-    # the embeddings, then the loss, become non-finite in epoch 2.
+    # The same recipe continued (resume refuses a changed one, and a non-finite checkpoint) from a checkpoint with
+    # one huge but finite first-layer weight: the convolution overflows, then the loss becomes non-finite in epoch 2.
     state = torch.load(ckpt, weights_only=True)
-    state["model"]["head.3.bias"][0] = float("inf")
+    state["model"]["encoder.conv1.weight"][0] = 3e38
     torch.save(state, ckpt)
     good = ckpt.read_bytes()
     diverged = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", "eval.knn_every=0"))

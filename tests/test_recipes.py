@@ -62,7 +62,9 @@ def test_lightly_recipe_runs_with_every_setting_as_published(tmp_path):
 
 
 def test_online_classifier_is_trained_logged_and_scored(tmp_path):
+    # solo-learn's LARS settings (their trust coefficient 0.02, clipped): the online classifier's weight is LARS-adapted
     run, _ = run_recipe(tmp_path, "cifar10_resnet18.yaml", "eval.online_linear=true", "eval.online_lr=1.0",
+                        "optim.lars_trust_coeff=0.02", "optim.lars_trust_clip=true",
                         "data.val_size=200", "eval.knn_every=4", "eval.knn_k=20", "train.epochs=8",
                         "optim.warmup_epochs=0", "run.name=online")
     records = read_jsonl((run / "metrics.jsonl"))

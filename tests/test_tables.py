@@ -14,7 +14,7 @@ def test_comparable_keeps_what_decides_results_and_fills_defaults():
     kept = comparable(config, PretrainConfig)
     assert kept == comparable(to_dict(PretrainConfig()), PretrainConfig)
     assert not any(k.startswith(("run.", "wandb.", "device")) or k == "train.compile" for k in kept)
-    assert kept["aug.normalize"] == "cifar" and kept["train.epochs"] == 1000
+    assert kept["aug.normalize"] == "auto" and kept["train.epochs"] == 1000
     assert comparable({"train": {"epochs": "many"}}, PretrainConfig) is None  # does not fit the schema
 
 
