@@ -19,8 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 pretrain: $(STAMP)
 	$(PY) pretrain.py $(ARGS)
 
+# Test files run side by side on TEST_WORKERS processes (pytest-xdist; a file stays on one, so its module fixtures
+# are built once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # What the device tool carries to a GPU machine (docs/performance.md): the data archive, and pinned wheels of what its
 # image lacks (it has torch, torchvision, timm, pytest, pytorch-lightning, torchmetrics, lightning-utilities, ...).

@@ -1,4 +1,4 @@
-"""Optimizers (LARS from timm, SGD, AdamW), parameter groups and the learning-rate schedule."""
+"""Optimizers (LARS, SGD, AdamW), parameter groups and the learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from core.names import OPTIMIZERS
+from engine.lars import Lars
 
 
 def effective_lr(base_lr: float, global_batch: int) -> float:
@@ -96,8 +97,8 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
                      nesterov: bool = False, decay_norm_bias: bool = False,
                      own_groups: Optional[Mapping[str, dict[str, Any]]] = None, trust_coeff: float = 1e-3,
                      trust_clip: bool = False, layer_decay: float = 1.0) -> torch.optim.Optimizer:
-    """LARS (timm's), SGD (momentum, optionally Nesterov) or AdamW, over :func:`param_groups` (or, with
-    ``layer_decay`` < 1, :func:`layer_decay_groups`).
+    """LARS (:class:`engine.lars.Lars`: timm's update), SGD (momentum, optionally Nesterov) or AdamW, over
+    :func:`param_groups` (or, with ``layer_decay`` < 1, :func:`layer_decay_groups`).
 
     LARS adapts exactly the groups marked ``always_adapt`` (the decayed one), also when weight_decay is 0, with
     local lr trust_coeff x |w| / |g|, clipped at the global lr when ``trust_clip`` (LARC).
@@ -108,8 +109,6 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
     else:
         groups = param_groups(model, weight_decay, decay_norm_bias=decay_norm_bias, own_groups=own_groups)
     if name == "lars":
-        from timm.optim import Lars  # timm loads only when LARS is used (after engine.tracking.keep_wandb_out)
-
         return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=trust_coeff,
                     trust_clip=trust_clip)
     for g in groups:

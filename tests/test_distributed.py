@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import finetune as finetune_entry
 from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
 
 
@@ -135,9 +136,17 @@ def test_finetune_under_torchrun(tmp_path, pretrained_run):
     for mode in ("knn", "linear", "finetune"):
         for procs in (1, 2) if mode != "finetune" else (2,):  # fine-tuning's 1-process run is tested elsewhere
             args = [*common, f"eval.mode={mode}", f"run.dir={tmp_path / f'{mode}{procs}'}", "run.name=eval"]
-            result = torchrun(str(REPO / "finetune.py"), *args, nproc=procs)
-            assert result.returncode == 0, result.stderr[-3000:]
-            assert result.stdout.count("result: ") == 1  # rank 0 alone reports
+            if procs == 1:  # the reference: one process, this one, on one thread as each torchrun worker
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    finetune_entry.main(args)
+                finally:
+                    torch.set_num_threads(threads)
+            else:
+                result = torchrun(str(REPO / "finetune.py"), *args, nproc=procs)
+                assert result.returncode == 0, result.stderr[-3000:]
+                assert result.stdout.count("result: ") == 1  # rank 0 alone reports
             records[mode, procs] = json.loads((tmp_path / f"{mode}{procs}" / "eval" / "results.json").read_text())
     for mode in ("knn", "linear"):  # features gathered from both ranks: the same numbers as one process
         assert records[mode, 2]["test/confusion"] == records[mode, 1]["test/confusion"]

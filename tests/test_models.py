@@ -17,6 +17,21 @@ def test_resnet_parameters_equal_torchvision_without_fc_and_with_the_cifar_stem(
     assert ours.conv1.kernel_size == (3, 3) and ours.conv1.stride == (1, 1)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnet_with_torchvision_weights_computes_torchvision_features(arch):
+    """Our blocks are torchvision's: its weights load strictly (ImageNet stem, width 64) and give its features."""
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, arch)()
+    theirs.fc = torch.nn.Identity()
+    with torch.no_grad():
+        theirs(torch.randn(8, 3, 64, 64))  # running statistics that are not the initial ones
+    ours = create_encoder(arch, stem="imagenet").eval()
+    ours.load_state_dict(theirs.eval().state_dict(), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(images), theirs(images), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch, dim", [("resnet18", 512), ("resnet50", 2048), ("vit_tiny", 192)])
 def test_feature_dims_and_32px_input(arch, dim):
     enc = create_encoder(arch).eval()

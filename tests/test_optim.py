@@ -1,8 +1,10 @@
+import copy
 
 import pytest
 import torch
-from timm.optim import Lars
+from timm.optim import Lars as TimmLars
 
+from engine.lars import Lars
 from engine.optim import create_optimizer, effective_lr, lr_at, param_groups, restarted_lr_at, set_lr
 from models import create_encoder, projection_head
 
@@ -59,6 +61,36 @@ def test_lars_adapts_weights_but_not_biases_even_without_weight_decay():
     trust = 1e-3 * w0.norm() / torch.ones_like(w0).norm()  # LARS: lr x trust_coeff x |w| / |g|
     torch.testing.assert_close(lin.weight.detach(), w0 - trust)
     torch.testing.assert_close(lin.bias.detach(), b0 - 1.0)
+
+
+@pytest.mark.parametrize("options", [{}, {"trust_clip": True}, {"nesterov": True}, {"dampening": 0.1},
+                                     {"momentum": 0.0}, {"weight_decay": 0.0}])
+def test_lars_steps_as_timms(options):
+    """Ours against timm's Lars (the library it replaces at start-up), five steps of random gradients over an adapted
+    group, a plain one and one with an all-zero weight: the same parameters and momentum buffers, bit for bit."""
+    def groups(model):
+        return [{"params": [model[0].weight, model[2].weight], "always_adapt": True},
+                {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0, "always_adapt": False}]
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    torch.nn.init.zeros_(ours[2].weight)  # |w| = 0: left unscaled
+    theirs, start = copy.deepcopy(ours), copy.deepcopy(ours)
+    settings = {"lr": 0.3, "momentum": 0.9, "weight_decay": 1e-2, "trust_coeff": 0.02, **options}
+    optimizers = Lars(groups(ours), **settings), TimmLars(groups(theirs), **settings)
+    for step in range(5):
+        grads = [torch.randn_like(p) * 10 ** (step - 2) for p in ours.parameters()]
+        for model, optimizer in zip((ours, theirs), optimizers):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+        assert ("momentum_buffer" in optimizers[0].state[a]) == (settings["momentum"] != 0)
+        if settings["momentum"]:
+            assert torch.equal(optimizers[0].state[a]["momentum_buffer"], optimizers[1].state[b]["momentum_buffer"])
+    assert all(not torch.equal(a, b) for a, b in zip(ours.parameters(), start.parameters()))  # every tensor moved
+    optimizers[0].load_state_dict(optimizers[1].state_dict())  # timm's checkpoints load
 
 
 def test_decay_norm_bias_decays_every_parameter_in_one_group():

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+import reproduce as reproduce_entry
 from configs.load import load_config
 from configs.schema import FinetuneConfig, PretrainConfig
 from tables.collect import match, scan_run_dirs, wandb_records
 from tables.plan import plan_table
 from tables.render import build_cells
 from tables.spec import available_tables, load_table
-from tests.conftest import REPO, assert_user_error, run_entry
+from tests.conftest import REPO, assert_user_error, assert_user_error_here, run_entry
 
 SMOKE_RUNS = 10  # 2 rows x 2 seeds x (pretraining + linear probe) + 1 row x 2 seeds of a linear probe from scratch
 
@@ -286,20 +287,20 @@ def test_wandb_runs_are_matched_like_run_directories(smoke_runs):
     assert all(len(c.values) == 2 for c in from_wandb)
 
 
-def test_bad_input_is_one_error_line(tmp_path):
-    assert_user_error(run_entry("reproduce.py", "no_such_table", "--print"), "no table 'no_such_table'")
-    assert_user_error(run_entry("reproduce.py", "smoke"), "say what to do")
-    assert_user_error(run_entry("reproduce.py", "smoke", "--print", "--bogus"), "unrecognized arguments")
-    assert_user_error(run_entry("reproduce.py", "smoke", "--print", "train.epoch=3"), "names no config key")
-    assert_user_error(run_entry("reproduce.py", "smoke", "--run", "--launcher", "sbatch"), "--print --launcher sbatch")
-    bad = smoke_variant(tmp_path / "bad.yaml", rows=[{"name": "r", "pretrain": ["loss.temprature=0.1"]}])
-    assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row 'r': unknown config key 'loss.temprature'")
-    bad = smoke_variant(tmp_path / "bad.yaml", rows=[{"name": "r", "columns": ["nope"]}])
-    assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "unknown columns ['nope']")
-    bad = smoke_variant(tmp_path / "bad.yaml", rows=[{"name": "a/b"}])
-    assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "row name 'a/b' may hold only")
-    bad = smoke_variant(tmp_path / "bad.yaml", colums=[])
-    assert_user_error(run_entry("reproduce.py", str(bad), "--print"), "colums")
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    assert_user_error(run_entry("reproduce.py", "no_such_table", "--print"), "no table 'no_such_table'")  # as a process
+    for argv, fragment in [
+            (["smoke"], "say what to do"),
+            (["smoke", "--print", "--bogus"], "unrecognized arguments"),
+            (["smoke", "--print", "train.epoch=3"], "names no config key"),
+            (["smoke", "--run", "--launcher", "sbatch"], "--print --launcher sbatch"),
+            ([smoke_variant(tmp_path / "a.yaml", rows=[{"name": "r", "pretrain": ["loss.temprature=0.1"]}]), "--print"],
+             "row 'r': unknown config key 'loss.temprature'"),
+            ([smoke_variant(tmp_path / "b.yaml", rows=[{"name": "r", "columns": ["nope"]}]), "--print"],
+             "unknown columns ['nope']"),
+            ([smoke_variant(tmp_path / "c.yaml", rows=[{"name": "a/b"}]), "--print"], "row name 'a/b' may hold only"),
+            ([smoke_variant(tmp_path / "d.yaml", colums=[]), "--print"], "colums")]:
+        assert_user_error_here(capsys, reproduce_entry.main, [str(a) for a in argv], fragment)
 
 
 def test_peer_parity_rows_run_each_peer_recipe_with_its_protocol():

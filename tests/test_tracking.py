@@ -101,8 +101,9 @@ def test_evaluation_job_type(tmp_path):
 
 
 def test_disabled_never_loads_wandb(tmp_path):
-    """A LARS pretraining run (timm imported) and a kNN evaluation with wandb.mode=disabled, in a fresh interpreter:
-    wandb never enters sys.modules (timm would import it on its own otherwise), so nothing can touch the network."""
+    """A LARS pretraining run and a kNN evaluation with wandb.mode=disabled, then a ViT built (timm imported), in a
+    fresh interpreter: wandb never enters sys.modules (timm would import it on its own otherwise), so nothing can
+    touch the network."""
     code = f"""
 import sys
 import finetune, pretrain
@@ -110,6 +111,9 @@ assert "wandb" not in sys.modules
 pretrain.main({tiny_run_args(tmp_path, "train.epochs=1", "eval.knn_every=0", "optim.name=lars")!r})
 finetune.main(["data.name=synthetic", "device=cpu", "data.val_size=500", "eval.mode=knn", "eval.knn_k=20",
                "checkpoint={tmp_path / 'tiny'}", "run.dir={tmp_path}", "run.name=knn", "wandb.mode=disabled"])
+assert "timm" not in sys.modules and "torchvision" not in sys.modules  # neither is needed for a ResNet run
+from models import create_encoder
+create_encoder("vit_tiny")
 assert "timm" in sys.modules
 loaded = sys.modules.get("wandb")
 print("wandb loaded:", loaded is not None)
