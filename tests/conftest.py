@@ -68,9 +68,10 @@ def assert_user_error(result: subprocess.CompletedProcess, fragment: str, status
     assert "Traceback" not in result.stderr
 
 
-def assert_user_error_here(capsys, main, argv: list[str], fragment: str) -> None:
+def assert_user_error_here(capsys, main, argv: list[str], fragment: str) -> list[str]:
     """The bad-input contract in this process: ``run_cli(main, argv)``, as ``python <entrypoint>`` runs it, exits
-    with status 2 and one `error:` line naming the problem (no interpreter start-up per case)."""
+    with status 2 and one `error:` line naming the problem (no interpreter start-up per case). Returns the stderr
+    lines."""
     from engine.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
@@ -78,6 +79,16 @@ def assert_user_error_here(capsys, main, argv: list[str], fragment: str) -> None
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2, err
     assert err and err[-1].startswith("error: ") and fragment in err[-1], err
+    return err
+
+
+@pytest.fixture(autouse=True)
+def wandb_importable_after_each_test():
+    """An entrypoint run in this process with wandb.mode=disabled blocks ``import wandb`` for the rest of the process
+    (engine.tracking.keep_wandb_out, a per-process contract); the next test starts without that block."""
+    yield
+    if "wandb" in sys.modules and sys.modules["wandb"] is None:
+        del sys.modules["wandb"]
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+import pretrain as pretrain_entry
 from engine.checkpoint import sha256_of
-from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
+from tests.conftest import REPO, assert_user_error, assert_user_error_here, read_jsonl, run_entry, tiny_run_args
 
 
 def test_smoke_run_writes_the_run_directory(tmp_path):
@@ -55,34 +56,36 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     (["eval.linear_at_end=true", "data.val_size=0", "eval.knn_every=0"], "no validation split to choose among"),
     (["train.schedule_restarts=[1,1]"], "must be increasing epochs between 0 and train.epochs=2"),
 ])
-def test_bad_input(tmp_path, args, fragment):
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path), *args), fragment)
+def test_bad_input(tmp_path, capsys, args, fragment):
+    """In this process (run_cli, as `python pretrain.py` runs it); the first case also as a process of its own."""
+    if args == ["train.epoch=3"]:
+        assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path), *args), fragment)
+    assert_user_error_here(capsys, pretrain_entry.main, [*tiny_run_args(tmp_path), *args], fragment)
     assert not (tmp_path / "tiny").exists()  # nothing was created
 
 
-def test_malformed_config_file(tmp_path):
+def test_malformed_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {arch: [\n")
-    assert_user_error(run_entry("pretrain.py", "--config", str(bad)), "not valid YAML")
+    assert_user_error_here(capsys, pretrain_entry.main, ["--config", str(bad)], "not valid YAML")
 
 
-def test_corrupt_archive(tmp_path):
+def test_corrupt_archive(tmp_path, capsys):
     archive = tmp_path / "broken.tar.xz"
     archive.write_bytes(b"\xfd7zXZ\x00\x00 truncated")
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path), "data.name=folder", f"data.root={archive}",
-                                f"data.cache_dir={tmp_path / 'cache'}"), "cannot read archive")
+    assert_user_error_here(capsys, pretrain_entry.main, [*tiny_run_args(tmp_path), "data.name=folder",
+                                                         f"data.root={archive}", f"data.cache_dir={tmp_path / 'cache'}"],
+                           "cannot read archive")
 
 
-def test_existing_run_is_never_overwritten_by_bad_input(tmp_path):
-    assert run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1")).returncode == 0
+def test_existing_run_is_never_overwritten_by_bad_input(tmp_path, capsys):
+    pretrain_entry.main(tiny_run_args(tmp_path, "train.epochs=1"))
     run = tmp_path / "tiny"
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "model.width=8")),
-                      "model.width: 4 -> 8")
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", "run.resume=never")),
-                      "already holds a run")
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1"),
-                                f"run.resume={tmp_path / 'nope.pt'}"), "does not exist")
+    for extra, fragment in [(["model.width=8"], "model.width: 4 -> 8"), (["run.resume=never"], "already holds a run"),
+                            ([f"run.resume={tmp_path / 'nope.pt'}"], "does not exist")]:
+        assert_user_error_here(capsys, pretrain_entry.main, tiny_run_args(tmp_path, "train.epochs=1", *extra),
+                               fragment)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
+import finetune as finetune_entry
+import pretrain as pretrain_entry
+from tests.conftest import REPO, assert_user_error, assert_user_error_here, read_jsonl, run_entry, tiny_run_args
 
 
 class Payload:
@@ -87,7 +89,7 @@ def test_resume_refuses_a_changed_recipe_and_allows_more_epochs(tmp_path):
     assert json.loads((run / "summary.json").read_text())["epoch"] == 2
 
 
-def test_train_epochs_on_resume_never_rewrites_the_schedule_and_an_extension_is_recorded(tmp_path):
+def test_train_epochs_on_resume_never_rewrites_the_schedule_and_an_extension_is_recorded(tmp_path, capsys):
     """An unfinished run keeps its length; a finished one is never shortened; extending a finished one is a new
     schedule phase (warm-up + cosine from its old end), recorded in config.yaml and summary.json, and a table never
     takes it for a run trained on the longer schedule from the start."""
@@ -102,13 +104,14 @@ def test_train_epochs_on_resume_never_rewrites_the_schedule_and_an_extension_is_
                                 signal.SIGTERM)
     assert status == 128 + signal.SIGTERM, output
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    longer = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=4", *args))
-    assert_user_error(longer, "it is at epoch 0 of 2")
-    assert "once finished, train.epochs=4 extends it" in longer.stderr
+    err = assert_user_error_here(capsys, pretrain_entry.main, tiny_run_args(tmp_path, "train.epochs=4", *args),
+                                 "it is at epoch 0 of 2")
+    assert any("once finished, train.epochs=4 extends it" in line for line in err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    assert run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", *args)).returncode == 0
+    pretrain_entry.main(tiny_run_args(tmp_path, "train.epochs=2", *args))
     finished = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=1", *args)), "not shortened")
+    assert_user_error_here(capsys, pretrain_entry.main, tiny_run_args(tmp_path, "train.epochs=1", *args),
+                           "not shortened")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == finished  # encoder.pt not rewritten
 
     extended = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=3", *args))
@@ -240,7 +243,7 @@ def test_fine_tuning_killed_with_sigkill_continues_to_the_same_results(
     assert steps == sorted(steps) and steps.count(12) == 1  # steps redone after the kill are logged once
 
 
-def test_an_unfinished_linear_probe_runs_again_and_a_finished_one_is_kept(tmp_path, finished_run):
+def test_an_unfinished_linear_probe_runs_again_and_a_finished_one_is_kept(tmp_path, finished_run, capsys):
     args = ["data.name=synthetic", "device=cpu", "data.val_size=500", "probe.epochs=3", "eval.mode=linear",
             f"checkpoint={finished_run}", "wandb.mode=disabled", f"run.dir={tmp_path}", "run.name=lin"]
     (tmp_path / "lin").mkdir()
@@ -249,17 +252,17 @@ def test_an_unfinished_linear_probe_runs_again_and_a_finished_one_is_kept(tmp_pa
     assert first.returncode == 0, first.stderr
     assert "train/loss" not in (tmp_path / "lin" / "metrics.jsonl").read_text()  # started over
     results = (tmp_path / "lin" / "results.json").read_bytes()
-    assert_user_error(run_entry("finetune.py", *args), "already holds an evaluation")
+    assert_user_error_here(capsys, finetune_entry.main, args, "already holds an evaluation")
     assert (tmp_path / "lin" / "results.json").read_bytes() == results
 
 
-def test_fine_tuning_refuses_to_resume_with_another_encoder_or_recipe(tmp_path, finished_run):
+def test_fine_tuning_refuses_to_resume_with_another_encoder_or_recipe(tmp_path, finished_run, capsys):
     status, _ = _run_until(["finetune.py", *_finetune_args(tmp_path, finished_run)], "step 6 |", signal.SIGTERM)
     assert status == 128 + signal.SIGTERM
-    assert_user_error(run_entry("finetune.py", *_finetune_args(tmp_path, finished_run, "optim.base_lr=0.5")),
-                      "optim.base_lr: 0.05 -> 0.5")
-    assert_user_error(run_entry("finetune.py", *_finetune_args(tmp_path, "none", "model.arch=resnet18",
-                                                               "model.width=4")), "another encoder")
+    assert_user_error_here(capsys, finetune_entry.main, _finetune_args(tmp_path, finished_run, "optim.base_lr=0.5"),
+                           "optim.base_lr: 0.05 -> 0.5")
+    assert_user_error_here(capsys, finetune_entry.main, _finetune_args(tmp_path, "none", "model.arch=resnet18",
+                                                                       "model.width=4"), "another encoder")
 
 
 def test_a_second_identical_command_is_refused_while_the_first_trains(tmp_path):
@@ -278,7 +281,7 @@ def test_a_second_identical_command_is_refused_while_the_first_trains(tmp_path):
     assert not (tmp_path / "tiny" / ".lock").exists()
 
 
-def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(tmp_path):
+def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     run = tmp_path / "tiny"
     run.mkdir()
@@ -288,8 +291,8 @@ def test_a_lock_left_by_a_dead_process_does_not_block_a_rerun(tmp_path):
     assert result.returncode == 0, result.stderr
     # A holder on another node: refused while its heartbeat is fresh, taken over once it is stale.
     lock.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "started": "earlier"}))
-    assert_user_error(run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0")),
-                      "is in use by pid 1 on node-elsewhere")
+    assert_user_error_here(capsys, pretrain_entry.main, tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0"),
+                           "is in use by pid 1 on node-elsewhere")
     old = time.time() - 3600
     os.utime(lock, (old, old))
     result = run_entry("pretrain.py", *tiny_run_args(tmp_path, "train.epochs=2", "eval.knn_every=0"))
