@@ -73,9 +73,8 @@ def test_malformed_config_file(tmp_path, capsys):
 def test_corrupt_archive(tmp_path, capsys):
     archive = tmp_path / "broken.tar.xz"
     archive.write_bytes(b"\xfd7zXZ\x00\x00 truncated")
-    assert_user_error_here(capsys, pretrain_entry.main, [*tiny_run_args(tmp_path), "data.name=folder",
-                                                         f"data.root={archive}", f"data.cache_dir={tmp_path / 'cache'}"],
-                           "cannot read archive")
+    args = [*tiny_run_args(tmp_path), "data.name=folder", f"data.root={archive}", f"data.cache_dir={tmp_path / 'c'}"]
+    assert_user_error_here(capsys, pretrain_entry.main, args, "cannot read archive")
 
 
 def test_existing_run_is_never_overwritten_by_bad_input(tmp_path, capsys):
