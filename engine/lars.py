@@ -54,8 +54,9 @@ class Lars(torch.optim.Optimizer):
             buffers = [self.state[p].get("momentum_buffer") for p in params]
             old = [i for i, b in enumerate(buffers) if b is not None]
             if old:
-                torch._foreach_mul_([buffers[i] for i in old], momentum)
-                torch._foreach_add_([buffers[i] for i in old], [grads[i] for i in old], alpha=1 - group["dampening"])
+                old_buffers = [buffers[i] for i in old]
+                torch._foreach_mul_(old_buffers, momentum)
+                torch._foreach_add_(old_buffers, [grads[i] for i in old], alpha=1 - group["dampening"])
             for i, (p, b) in enumerate(zip(params, buffers)):
                 if b is None:
                     buffers[i] = self.state[p]["momentum_buffer"] = grads[i].clone().detach()
