@@ -22,8 +22,8 @@ from engine.checkpoint import CLASSIFIER_FILE, EncoderFile, classifier_state, la
 from core.errors import UserError
 from engine.cli import run_cli
 from core.device import resolve_device, resolve_precision
-from engine.eval_inputs import (check_config, encoder_arch, find_resume_state, load_encoder, load_labeled_splits,
-                                read_source, say)
+from engine.eval_inputs import (check_config, encoder_arch, features_from, find_resume_state, load_encoder,
+                                load_labeled_splits, read_source, say)
 from engine.evaluate import EvalOutcome, LabeledSplits, knn_evaluation, linear_evaluation, results_record
 from engine.explain import explain_test_images, method_for
 from engine.export import Deployable
@@ -71,6 +71,7 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(arch, width, source, device, trainable=cfg.eval.mode == "finetune",
                            image_size=sizes["data/image_size"])
+    features = features_from(encoder, source, cfg.eval.features)  # the encoder, or it and head layers (headK)
 
     # ---------------------------------------------------------------- evaluate
     if dist.is_main():
@@ -85,11 +86,11 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
         wandb_run.use_encoder(source.path, source.run_name)
     state = FinetuneState(last_checkpoint(run_dir), cfg.run.ckpt_every,
                           {"config": to_dict(cfg), "checkpoint_sha256": checkpoint_sha}, resume, stop)
-    outcome = evaluate(cfg, encoder, splits, dtype, metrics, state)
+    outcome = evaluate(cfg, features, splits, dtype, metrics, state)
 
     # ---------------------------------------------------------------- results
     record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
-                            val_within_fraction=cfg.eval.val_share_of_labels > 0, **sizes,
+                            features=cfg.eval.features, val_within_fraction=cfg.eval.val_share_of_labels > 0, **sizes,
                             checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
                             git_sha=git_sha(), config=to_dict(cfg))
     arch_record = {"arch": arch, "width": width, "image_size": sizes["data/image_size"],
@@ -97,7 +98,8 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     classifier = classifier_state(encoder, outcome.head, arch=arch_record, classes=splits.classes,
                                   normalize=source.normalize if source else "auto", mean=list(splits.mean),
                                   std=list(splits.std), mode=cfg.eval.mode,
-                                  checkpoint_sha256=checkpoint_sha) if outcome.head is not None else None
+                                  checkpoint_sha256=checkpoint_sha) if outcome.head is not None and features is encoder \
+        else None  # classifier.pt holds an encoder and a head on its features: not head-layer features
     if cfg.eval.explain and dist.is_main():
         explain_grid(arch, Deployable(encoder, splits.mean, splits.std, outcome.head), splits, run_dir, wandb_run)
     publish(record, cfg, arch, splits.classes, classifier, run_dir, metrics, wandb_run,

@@ -76,7 +76,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
                         image_size=train_images.shape[-1])
     augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
                             gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
-                            solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std)
+                            solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std, crop=cfg.aug.crop)
     optimizer, schedule = build_optimizer(cfg, model, sampler.steps_per_epoch)
     if cfg.train.compile and device.type == "cpu":
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
@@ -134,7 +134,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
         summary.update(online_classifier_results(model, splits, dtype))
     if dist.is_main():
-        save_encoder(run_dir / ENCODER_FILE, model.encoder, cfg, splits)
+        save_encoder(run_dir / ENCODER_FILE, model, cfg, splits)
         summary["encoder_sha256"] = sha256_of(run_dir / ENCODER_FILE)  # what evaluations name as their checkpoint
         if cfg.eval.linear_at_end:
             summary.update(linear_probe_at_end(cfg, model.encoder, splits, dtype, run_dir))

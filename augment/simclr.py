@@ -57,7 +57,7 @@ class JitterParams:
 class ViewParams:
     """Every random choice behind n augmented views."""
 
-    boxes: Tensor  # float [n, 4]: crop (top, left, h, w)
+    boxes: Optional[Tensor]  # float [n, 4]: crop (top, left, h, w); None without the crop (the whole image)
     flip: Tensor  # bool [n]
     jitter: JitterParams
     gray: Tensor  # bool [n]
@@ -85,7 +85,8 @@ def _map_tensors(params, fn):
 class SimCLRAugment:
     """Two augmented views of uint8 images [B, 3, H, W] (any device), normalized float32 [B, 3, H, W] each.
 
-    Per view: random resized crop (scale (min_scale, 1), ratio (3/4, 4/3)) and horizontal flip in one resampling;
+    Per view: random resized crop (scale (min_scale, 1), ratio (3/4, 4/3); ``crop=False``: the whole image) and
+    horizontal flip in one resampling;
     colour jitter (brightness, contrast, saturation 0.8 s, hue 0.2 s, s = strength) with probability jitter_prob in
     a random order per sample; grayscale with gray_prob; optional Gaussian blur (sigma in (0.1, 2), kernel 10% of
     the side) and solarization; normalization. No arguments: the CIFAR-10 recipe (s = 0.5, no blur).
@@ -93,10 +94,10 @@ class SimCLRAugment:
 
     def __init__(self, strength: float = 0.5, min_scale: float = 0.08, jitter_prob: float = 0.8,
                  gray_prob: float = 0.2, blur_prob: float = 0.0, solarize_prob: float = 0.0,
-                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, crop: bool = True) -> None:
         if not 0 <= 0.2 * strength <= 0.5:
             raise ValueError(f"strength={strength}: the hue range 0.2 x strength must lie in [0, 0.5]")
-        self.strength, self.min_scale = strength, min_scale
+        self.strength, self.min_scale, self.crop = strength, min_scale, crop
         self.jitter_prob, self.gray_prob = jitter_prob, gray_prob
         self.blur_prob, self.solarize_prob = blur_prob, solarize_prob
         self.mean, self.std = tuple(mean), tuple(std)
@@ -127,7 +128,8 @@ class SimCLRAugment:
     def sample(self, n: int, height: int, width: int, g: Optional[torch.Generator] = None,
                device: torch.device | str = "cpu") -> "ViewParams":
         """Every random choice for n views, drawn from ``g`` in a fixed order."""
-        boxes = ops.sample_crop_boxes(n, height, width, scale=(self.min_scale, 1.0), generator=g, device=device)
+        boxes = ops.sample_crop_boxes(n, height, width, scale=(self.min_scale, 1.0), generator=g,
+                                      device=device) if self.crop else None
         flip = self._coin(n, 0.5, g, device)
         jitter = sample_jitter(n, self.strength, self.jitter_prob, g, device)
         gray = self._coin(n, self.gray_prob, g, device)
@@ -142,7 +144,10 @@ class SimCLRAugment:
     def apply(self, x: Tensor, p: "ViewParams") -> Tensor:
         """Views of float images in [0, 1], [n, 3, H, W], with sampled parameters -> normalized [n, 3, H, W]."""
         height, width = x.shape[-2:]
-        x = ops.resized_crop(x, p.boxes, (height, width), flip=p.flip)
+        if p.boxes is not None:
+            x = ops.resized_crop(x, p.boxes, (height, width), flip=p.flip)
+        else:  # no crop: the flip alone, exactly (resampling the whole image would blur it a little)
+            x = _select(p.flip, x.flip(-1), x)
         x = apply_jitter(x, p.jitter)
         x = _select(p.gray, ops.grayscale(x), x)
         if p.blur is not None:

@@ -148,8 +148,9 @@ def torchvision_views(cfg: PretrainConfig):
     """The SimCLR CIFAR transform as the peers write it (torchvision v1 transforms on PIL images)."""
     import torchvision.transforms as T
 
-    if cfg.aug.blur_prob or cfg.aug.solarize_prob:
-        raise SystemExit("error: the classic pipeline implements the CIFAR recipes only (no blur, no solarization)")
+    if cfg.aug.blur_prob or cfg.aug.solarize_prob or not cfg.aug.crop:
+        raise SystemExit("error: the classic pipeline implements the CIFAR recipes only (crop on, no blur, no "
+                         "solarization)")
     s = cfg.aug.strength
     steps = [T.RandomResizedCrop(32, scale=(cfg.aug.min_scale, 1.0)), T.RandomHorizontalFlip(),
              T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=cfg.aug.jitter_prob),

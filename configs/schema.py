@@ -41,7 +41,9 @@ class ModelConfig:
 
     arch: str = "resnet18"  # ResNets with the CIFAR stem (3x3 conv, no max-pool); ViTs from timm, patch 4
     width: Optional[int] = None  # ResNet base width (64 = standard); None = the architecture's own
-    proj_layers: int = 2  # 2 = SimCLR v1 head, 3 = SimCLR v2 head
+    # 2 = SimCLR v1 head, 3 = SimCLR v2 head, 1 = a linear projection, 0 = no head (the loss on the encoder's
+    # features h; the other proj_* keys then have no effect)
+    proj_layers: int = 2
     proj_hidden_dim: Optional[int] = None  # None = the encoder's feature dimension
     proj_dim: int = 128  # output dimension of the head: the space the loss compares views in
     proj_bn: bool = True  # batch norm after each hidden linear of the head (SimCLR); false: Linear-ReLU (dkobak)
@@ -65,6 +67,7 @@ class LossConfig:
 class AugConfig:
     """The SimCLR view augmentation, run batched on the device."""
 
+    crop: bool = True  # random resized crop (with min_scale); false: every view is the whole image (flip still applies)
     strength: float = 0.5  # colour jitter strength s: brightness/contrast/saturation 0.8 s, hue 0.2 s
     min_scale: float = 0.08  # random resized crop: smallest area fraction
     jitter_prob: float = 0.8  # probability of the colour jitter
@@ -228,6 +231,9 @@ class FinetuneEvalConfig:
     # on, so selection sees only the fraction's labels (data.val_size is not used).
     val_share_of_labels: float = 0.0
     augment: bool = False  # linear: random crop + flip with features computed on the fly
+    # What kNN and the linear probe read: encoder (h, the encoder's output) | headK (the output of the pretrained
+    # projection head's K-th layer, with its batch norm and ReLU; the last layer's is g(h), what the loss compared)
+    features: str = "encoder"
     val_every: int = 10  # finetune: epochs between validation measurements; 0 = at the end only
     knn_k: int = 200  # neighbours that vote
     knn_temperature: float = 0.1  # weighted vote: each neighbour counts exp(cosine / T)
@@ -336,7 +342,7 @@ RANGES = {
     "data.train_limit": (0, None, True),
     "data.image_size": (0, None, True),
     "model.width": (1, None, True),
-    "model.proj_layers": (1, None, True),
+    "model.proj_layers": (0, None, True),
     "model.proj_hidden_dim": (1, None, True),
     "model.proj_dim": (1, None, True),
     "loss.temperature": (0, None, False),

@@ -12,7 +12,7 @@ from torch import nn
 
 from augment import NORMALIZATIONS
 from core.errors import UserError
-from models import create_encoder
+from models import create_encoder, projection_head
 
 
 CHECKPOINT_DIR = "checkpoints"  # <run dir>/checkpoints/last.pt: what a run continues from
@@ -83,6 +83,8 @@ class EncoderFile:
     mean: Optional[Sequence[float]] = None  # its input normalization's statistics; None: the named constants
     std: Optional[Sequence[float]] = None
     classes: Optional[list] = None  # the pretraining dataset's classes, where recorded
+    head: Optional[dict] = None  # the projection head's state dict (eval.features=headK); None: not recorded
+    head_arch: Optional[dict] = None  # keyword arguments of projection_head() but in_dim (see head_arch())
 
     def statistics(self) -> tuple:
         """(mean, std) the encoder's inputs are normalized with (pixels in [0, 1])."""
@@ -95,6 +97,24 @@ class EncoderFile:
     def build(self) -> nn.Module:
         """The architecture it holds weights for, randomly initialized (load ``state`` strictly into it)."""
         return create_encoder(self.arch, self.width, self.image_size, self.stem)
+
+    def build_head(self, in_dim: int) -> nn.Sequential:
+        """The pretrained projection head with its weights, on the CPU; a UserError where none was recorded."""
+        if self.head is None or self.head_arch is None:
+            raise UserError(f"{str(self.path)!r} holds no projection head (encoder.pt files of earlier versions kept "
+                            "the encoder only): use the run's checkpoints/last.pt, or eval.features=encoder")
+        arch = dict(self.head_arch)
+        head = projection_head(in_dim, arch.pop("hidden_dim") or in_dim, arch.pop("out_dim") or in_dim, **arch)
+        load_strict(head, self.head, f"the projection head of {str(self.path)!r}")
+        return head
+
+
+def head_arch(model_cfg: dict) -> dict:
+    """What rebuilds a pretraining run's projection head from its config's ``model`` section: projection_head()'s
+    keyword arguments but in_dim, the encoder's feature dimension (hidden_dim None: the same)."""
+    return {"num_layers": model_cfg["proj_layers"], "hidden_dim": model_cfg.get("proj_hidden_dim"),
+            "out_dim": model_cfg["proj_dim"], "hidden_bn": model_cfg.get("proj_bn", True),
+            "out_bn": model_cfg.get("proj_out_bn", False)}
 
 
 def read_encoder(spec: str) -> EncoderFile:
@@ -114,12 +134,14 @@ def encoder_from_state(state: dict, path: Path) -> EncoderFile:
     if "encoder" in state and "arch" in state:  # encoder.pt (or classifier.pt)
         encoder_state, arch = state["encoder"], state["arch"]
         normalize = state.get("normalize", "cifar")
+        head, head_record = state.get("head"), state.get("head_arch")
         run_dir = path.parent
     elif "model" in state and "config" in state:  # a pretraining checkpoint: the SimCLR module's state
-        encoder_state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
+        encoder_state = _prefixed(state["model"], "encoder.")
         model = state["config"]["model"]
         arch = state.get("arch") or {"arch": model["arch"], "width": model.get("width")}  # older: no "arch"
         normalize = state["config"].get("aug", {}).get("normalize", "cifar")
+        head, head_record = _prefixed(state["model"], "head."), head_arch(model)
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
     else:
         raise UserError(f"{str(path)!r} is neither an encoder.pt nor a pretraining checkpoint "
@@ -129,7 +151,12 @@ def encoder_from_state(state: dict, path: Path) -> EncoderFile:
     refuse_non_finite(encoder_state, "encoder", path)
     return EncoderFile(encoder_state, arch["arch"], arch.get("width"), path, run_dir.name, normalize,
                        int(arch.get("image_size", 32)), arch.get("stem", "auto"), state.get("mean"), state.get("std"),
-                       state.get("classes"))
+                       state.get("classes"), head, head_record)
+
+
+def _prefixed(state: dict, prefix: str) -> dict:
+    """The entries of a state dict under ``prefix``, with it stripped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def refuse_non_finite(state: dict, what: str, path: Path, consequence: str = "it is not used") -> None:

@@ -4,6 +4,7 @@ encoder's input size when it was pretrained on another dataset), and a fine-tuni
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -19,8 +20,10 @@ from data import load_source, resized, split_labeled
 from engine.checkpoint import EncoderFile, last_checkpoint, load_file, load_strict, read_encoder
 from engine.evaluate import LabeledSplits, check_probe_config
 from models import ARCHS, create_encoder, is_vit
+from models.heads import HeadFeatures, head_depth, head_prefix
 
 TOOLKIT_KEYS = ("mixup_alpha", "cutmix_alpha", "label_smoothing", "grad_clip", "ema_decay")  # train.*, finetune only
+HEAD_FEATURES = re.compile(r"head([1-9][0-9]*)")  # eval.features=headK, K from 1
 
 
 def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
@@ -48,6 +51,15 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
                         "it needs both train.mixup_alpha and train.cutmix_alpha > 0")
     if cfg.train.ema_decay >= 1:
         raise UserError(f"train.ema_decay={cfg.train.ema_decay} must be < 1 (1 would never move from the first weights)")
+    if cfg.eval.features != "encoder" and not HEAD_FEATURES.fullmatch(cfg.eval.features):
+        raise UserError(f"eval.features={cfg.eval.features!r} is neither encoder nor headK (head1, head2, ...: the "
+                        "output of the projection head's K-th layer)")
+    if cfg.eval.features != "encoder" and cfg.eval.mode == "finetune":
+        raise UserError(f"eval.features={cfg.eval.features} applies to eval.mode=linear and knn; fine-tuning trains "
+                        "the encoder's features (eval.features=encoder)")
+    if cfg.eval.features != "encoder" and cfg.eval.explain:
+        raise UserError(f"eval.explain maps the encoder's last stage; with eval.features={cfg.eval.features} use "
+                        "eval.features=encoder")
     if cfg.eval.mode == "finetune":
         dist.check_global_batch(cfg.train.batch_size)
     if cfg.eval.mode == "linear":
@@ -69,6 +81,30 @@ def load_encoder(arch: str, width: Optional[int], source: Optional[EncoderFile],
     say(f"encoder: {arch}" + (f" width {width}" if width else "") + f", {encoder.feature_dim}-d features, "
         f"from {source.path if source else 'random initialization'}")
     return encoder
+
+
+def features_from(encoder: torch.nn.Module, source: Optional[EncoderFile], features: str) -> torch.nn.Module:
+    """What the evaluation reads (eval.features): the encoder itself, or the encoder followed by the first K layers
+    of the pretrained projection head (headK; frozen like the encoder). Refused where there is no such layer."""
+    match = HEAD_FEATURES.fullmatch(features)
+    if match is None:
+        return encoder
+    if source is None:
+        raise UserError(f"eval.features={features} reads a pretrained projection head; checkpoint=none has none")
+    head = source.build_head(encoder.feature_dim)
+    layers, depth = int(match.group(1)), head_depth(head)
+    if not depth:
+        raise UserError(f"eval.features={features}: {str(source.path)!r} was pretrained without a projection head "
+                        "(model.proj_layers=0); use eval.features=encoder")
+    if layers > depth:
+        raise UserError(f"eval.features={features}: the projection head of {str(source.path)!r} has {depth} "
+                        f"layer(s); choose one of head1 to head{depth}")
+    device = next(encoder.parameters()).device
+    module = HeadFeatures(encoder, head_prefix(head, layers)).to(device)
+    module.requires_grad_(False)
+    say(f"features: {features}, the encoder and the first {layers} of {depth} head layer(s), "
+        f"{module.feature_dim}-d")
+    return module
 
 
 def load_labeled_splits(cfg: FinetuneConfig, source: Optional[EncoderFile], device: torch.device

@@ -14,7 +14,7 @@ from configs.schema import PretrainConfig
 from core import dist
 from core.errors import UserError
 from core.files import atomic_save
-from engine.checkpoint import ENCODER_FILE, last_checkpoint, load_file, load_strict, refuse_non_finite
+from engine.checkpoint import ENCODER_FILE, head_arch, last_checkpoint, load_file, load_strict, refuse_non_finite
 from engine.pretraining import RunRecords
 from engine.tracking import git_sha
 from engine.evaluate import LabeledSplits
@@ -45,10 +45,13 @@ def encoder_record(cfg: PretrainConfig, splits: LabeledSplits) -> dict:
             "classes": list(splits.classes)}
 
 
-def save_encoder(path: Path, encoder: torch.nn.Module, cfg: PretrainConfig, splits: LabeledSplits) -> None:
-    """Backbone weights plus :func:`encoder_record`: ``create_encoder(**file["arch"])`` rebuilds it."""
-    atomic_save({"encoder": encoder.state_dict(), **encoder_record(cfg, splits), "feature_dim": encoder.feature_dim,
-                 "config": to_dict(cfg), "git_sha": git_sha()}, path)
+def save_encoder(path: Path, model: SimCLR, cfg: PretrainConfig, splits: LabeledSplits) -> None:
+    """Backbone weights plus :func:`encoder_record`: ``create_encoder(**file["arch"])`` rebuilds it. The projection
+    head comes too (``head``, and ``head_arch`` to rebuild it), for evaluations of its layers (eval.features)."""
+    config = to_dict(cfg)
+    atomic_save({"encoder": model.encoder.state_dict(), **encoder_record(cfg, splits),
+                 "feature_dim": model.encoder.feature_dim, "head": model.head.state_dict(),
+                 "head_arch": head_arch(config["model"]), "config": config, "git_sha": git_sha()}, path)
 
 
 def find_resume_state(cfg: PretrainConfig, run_dir: Path) -> tuple[Optional[dict], Optional[Path]]:
