@@ -5,11 +5,13 @@
     python reproduce.py TABLE --run [--runs-dir runs]                      # missing runs, one after another
     python reproduce.py TABLE --collect                                    # what has run, where, in what state
     python reproduce.py TABLE --render [--out DIR] [--wandb ENTITY/PROJECT] # Markdown to stdout, CSV (+ PNG)
+    python reproduce.py TABLE --run --rows ROW [ROW ...]                   # any action, for some rows only
 
 TABLE is a name under configs/tables/ or the path of a spec file. Actions combine (--run --render). Trailing
 key=value overrides go to every run whose schema has the key (data.root=..., device=cuda); keys that decide results
 change which runs count. Runs are matched to rows by their config, so runs launched by hand count too, wherever
 under --runs-dir they live; finished runs are skipped, unfinished pretraining resumes, diverged runs stay diverged.
+A table's claims (orderings its source states) get a verdict from the seeds under the rendered table.
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from core.errors import UserError
 from engine.cli import ArgumentParser, run_cli
 from tables.collect import RunRecord, describe, match, pretraining_pending, scan_run_dirs, wandb_records
 from tables.plan import LAUNCHERS, Plan, PlannedRun, command, plan_table
+from tables.claims import check_claims, claim_text, verdicts_markdown
 from tables.render import build_cells, markdown, plot_png, write_csv
-from tables.spec import PRETRAIN, available_tables, load_table
+from tables.spec import PRETRAIN, available_tables, load_table, select_rows
 
 
 def main(argv: Sequence[str]) -> Optional[Plan]:
@@ -37,7 +40,7 @@ def main(argv: Sequence[str]) -> Optional[Plan]:
         for name in available_tables():
             print(f"{name}: {load_table(name).title}")
         return None
-    spec = load_table(args.table)
+    spec = select_rows(load_table(args.table), args.rows)
     plan = plan_table(spec, args.seeds or spec.seeds, args.runs_dir, check_extra(extra))
 
     # ---------------------------------------------------------------- commands
@@ -74,6 +77,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--runs-dir", default="runs", help="where runs live (runs go to RUNS_DIR/TABLE/)")
     parser.add_argument("--out", default=None, help="where --render/--collect write files (RUNS_DIR/TABLE)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="instead of the spec's seeds")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="only these rows (and the claims among them); default: all")
     parser.add_argument("--launcher", choices=LAUNCHERS, default=None,
                         help="--print: only this form (default: all three); --run: python or torchrun")
     parser.add_argument("--nproc-per-node", type=int, default=8, help="processes (GPUs) per node for torchrun/sbatch")
@@ -184,10 +189,24 @@ def print_collected(plan: Plan, found: Dict[str, Optional[RunRecord]], out: Path
 
 def render(plan: Plan, found: Dict[str, Optional[RunRecord]], out: Path) -> None:
     cells = build_cells(plan, found)
-    print(markdown(plan, cells), end="", flush=True)
+    verdicts = check_claims(plan.spec.claims, cells)
+    print(markdown(plan, cells) + verdicts_markdown(verdicts), end="", flush=True)
     name = plan.spec.name
     written = [write_csv(plan, cells, out / f"{name}.csv"), plot_png(plan, cells, out / f"{name}.png")]
+    if verdicts:
+        written.append(write_verdicts(verdicts, out / f"{name}_claims.json"))
     print(f"\nwritten: {', '.join(str(p) for p in written if p)}", file=sys.stderr, flush=True)
+
+
+def write_verdicts(verdicts, path: Path) -> Path:
+    """The claims' verdicts with their per-seed values, for tools (the Markdown shows the same)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"claim": claim_text(v.claim), "better": v.claim.better, "worse": v.claim.worse,
+                                 "column": v.claim.column, "worse_column": v.claim.other_column,
+                                 "verdict": v.verdict, "p_value": v.p_value, "difference": v.difference,
+                                 "better_values": v.better, "worse_values": v.worse, "missing": v.missing,
+                                 "statement": v.claim.statement, "where": v.claim.where} for v in verdicts], indent=1))
+    return path
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from tables.collect import RunRecord, describe, pretraining_pending
 from tables.plan import Plan
-from tables.spec import PRETRAIN, Column, Row
+from tables.spec import PRETRAIN, ROW_AXIS, Column, Row
 
 
 @dataclass
@@ -158,6 +158,8 @@ def plot_png(plan: Plan, cells: List[Cell], path: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if spec.plot.x == ROW_AXIS:
+        return _plot_by_row(plan, cells, path, plt)
     chosen = [c for c in cells if c.column.name == spec.plot.column]
     swept = [c for c in chosen if not c.row.from_scratch]
     setting = {c.row.name: plan.by_cell[(c.row.name, plan.seeds[0], PRETRAIN)].expected for c in swept}
@@ -190,6 +192,38 @@ def plot_png(plan: Plan, cells: List[Cell], path: Path) -> Optional[Path]:
     ax.set_ylabel(column.label or column.metric)
     ax.set_title(textwrap.fill(spec.title, 70), fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_by_row(plan: Plan, cells: List[Cell], path: Path, plt) -> Path:
+    """One group of bars per row, one bar per plotted column, error bars over seeds; each seed's value as a dot."""
+    spec = plan.spec
+    names = spec.plot.columns or [spec.plot.column]
+    by_key = {(c.row.name, c.column.name): c for c in cells}
+    columns = {c.name: c for c in spec.columns}
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(spec.rows) * len(names) ** 0.5), 4.2))
+    for i, name in enumerate(names):
+        for j, row in enumerate(spec.rows):
+            cell = by_key.get((row.name, name))
+            if cell is None or cell.mean is None:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            ax.bar(x, cell.mean, width, yerr=cell.std or 0, color=f"C{i}", capsize=2)
+            ax.plot([x] * len(cell.values), list(cell.values.values()), "k.", markersize=3)
+        ax.bar([], [], color=f"C{i}", label=columns[name].label or name)
+    shown = [c.mean for c in cells if c.column.name in names and c.mean is not None]
+    if shown:
+        ax.set_ylim(bottom=max(0.0, min(shown) - 5.0), top=max(shown) + 3.0)
+    ax.set_xticks(range(len(spec.rows)), [row.name for row in spec.rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(textwrap.fill(spec.title, 80), fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -8,7 +8,7 @@ the pretraining run itself (``evaluation: pretrain`` reads summary.json).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -71,11 +71,34 @@ class Row:
 
 @dataclass
 class Plot:
-    """A PNG of one column across rows: x and series are config keys of the rows' pretraining runs."""
+    """A PNG of one column across rows: x and series are config keys of the rows' pretraining runs. ``x: row``
+    instead draws one group of bars per row, one bar per column of ``columns`` (default: ``column`` alone)."""
 
     column: str = MISSING
     x: str = MISSING
     series: Optional[str] = None
+    columns: List[str] = field(default_factory=list)
+
+
+ROW_AXIS = "row"  # Plot.x: one group of bars per row
+
+
+@dataclass
+class Claim:
+    """An ordering the source states: the mean of ``better`` (a row) on ``column`` exceeds that of ``worse`` on
+    ``worse_column`` (default: the same column; another column of the same row compares two representations of one
+    run). tables.claims gives it a verdict from the seeds."""
+
+    better: str = MISSING
+    worse: str = MISSING
+    column: str = MISSING
+    worse_column: Optional[str] = None
+    statement: str = ""  # what the source says, paraphrased
+    where: str = ""  # its section, figure or table
+
+    @property
+    def other_column(self) -> str:
+        return self.worse_column or self.column
 
 
 @dataclass
@@ -90,6 +113,7 @@ class TableSpec:
     rows: List[Row] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [0])
     plot: Optional[Plot] = None
+    claims: List[Claim] = field(default_factory=list)
     notes: str = ""
 
     def row_columns(self, row: Row) -> List[Column]:
@@ -162,11 +186,50 @@ def check_table(spec: TableSpec, path: Path) -> None:
         extra = set(row.evaluations) - set(spec.evaluations)
         if extra:
             raise UserError(f"{where}: row {row.name!r} overrides unknown evaluations {sorted(extra)}")
-    if spec.plot is not None and spec.plot.column not in columns:
-        raise UserError(f"{where}: plot.column {spec.plot.column!r} is not a column")
-    keys = config_keys(PretrainConfig)
-    for axis, key in (("x", spec.plot.x if spec.plot else None), ("series", spec.plot.series if spec.plot else None)):
-        if key is not None and key not in keys:  # checked before anything runs or is written
-            raise UserError(f"{where}: plot.{axis} {key!r} is not a pretraining config key")
+    if spec.plot is not None:
+        check_plot(spec.plot, columns, where)
+    for i, claim in enumerate(spec.claims):
+        check_claim(spec, claim, f"{where}: claims[{i}]")
     if not spec.seeds:
         raise UserError(f"{where}: seeds must list at least one seed")
+
+
+def check_plot(plot: Plot, columns: set, where: str) -> None:
+    """A plot names existing columns and, unless drawn by row, pretraining config keys as its axes."""
+    unknown = sorted(({plot.column} | set(plot.columns)) - columns)
+    if unknown:
+        raise UserError(f"{where}: plot names unknown columns {unknown}")
+    if plot.x == ROW_AXIS:
+        if plot.series is not None:
+            raise UserError(f"{where}: plot.x=row draws the columns as series; plot.series does not apply")
+        return
+    keys = config_keys(PretrainConfig)
+    for axis, key in (("x", plot.x), ("series", plot.series)):
+        if key is not None and key not in keys:  # checked before anything runs or is written
+            raise UserError(f"{where}: plot.{axis} {key!r} is not a pretraining config key (or x: row)")
+
+
+def check_claim(spec: TableSpec, claim: Claim, where: str) -> None:
+    """Both sides of a claim name a row and a column it is measured in, and are not the same cell."""
+    rows = {row.name: row for row in spec.rows}
+    for row_name, column in ((claim.better, claim.column), (claim.worse, claim.other_column)):
+        if row_name not in rows:
+            raise UserError(f"{where} names row {row_name!r}, which is not one of {', '.join(rows)}")
+        if column not in {c.name for c in spec.row_columns(rows[row_name])}:
+            raise UserError(f"{where}: row {row_name!r} is not measured in column {column!r}")
+    if (claim.better, claim.column) == (claim.worse, claim.other_column):
+        raise UserError(f"{where} compares the cell {claim.better}/{claim.column} with itself")
+
+
+def select_rows(spec: TableSpec, names: Optional[List[str]]) -> TableSpec:
+    """The table restricted to rows ``names`` (in the spec's order) and the claims among them; all rows for None."""
+    if not names:
+        return spec
+    known = [row.name for row in spec.rows]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"--rows: table {spec.name!r} has no row {', '.join(map(repr, unknown))}; its rows: "
+                        f"{', '.join(known)}")
+    rows = [row for row in spec.rows if row.name in names]
+    claims = [c for c in spec.claims if {c.better, c.worse} <= set(names)]
+    return replace(spec, rows=rows, claims=claims)

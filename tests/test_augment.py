@@ -209,3 +209,21 @@ def test_compiled_augmentation_equals_eager_on_the_gpu():
     assert (eager.cpu() - on_cpu).abs().max() < 1e-4
     assert (compiled - eager).abs().max() < 1e-4
 
+
+
+def test_without_the_crop_each_view_is_the_whole_image_or_its_mirror():
+    """aug.crop=false: no resampling at all; with colour off, every view is exactly the image or its flip, and both
+    occur."""
+    aug = SimCLRAugment(jitter_prob=0.0, gray_prob=0.0, mean=(0.0,) * 3, std=(1.0,) * 3, crop=False)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    x = images.float() / 255
+    flipped = []
+    for view in aug(images, torch.Generator().manual_seed(0)):
+        same = (view == x).flatten(1).all(1)
+        mirrored = (view == x.flip(-1)).flatten(1).all(1)
+        assert bool((same | mirrored).all())
+        flipped.append(mirrored.float().mean().item())
+    assert all(0.25 < share < 0.75 for share in flipped)
+    cropped = SimCLRAugment(jitter_prob=0.0, gray_prob=0.0, mean=(0.0,) * 3, std=(1.0,) * 3)(
+        images, torch.Generator().manual_seed(0))[0]
+    assert not bool(((cropped == x) | (cropped == x.flip(-1))).flatten(1).all(1).any())  # the default crops

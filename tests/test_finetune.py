@@ -192,3 +192,38 @@ def test_evaluations_feed_the_encoder_its_pretraining_normalization(tmp_path, pr
     torch.save({**named, "normalize": "zca"}, tmp_path / "odd.pt")
     with pytest.raises(Exception, match="unknown input normalization 'zca'"):
         read_encoder(str(tmp_path / "odd.pt")).statistics()
+
+
+def test_head_layer_features(tmp_path, pretrained, capsys):
+    """eval.features=headK: kNN and the probe read the output of the head's K-th layer, and results.json says so;
+    layers beyond the head, fine-tuning, a random encoder and files without a head are refused before anything is
+    written."""
+    from engine.checkpoint import read_encoder
+    from engine.eval_inputs import features_from
+    from models.heads import head_prefix
+
+    record = finetune_here(tmp_path, f"checkpoint={pretrained}", "eval.mode=knn", "eval.features=head1")
+    assert record["features"] == "head1" and record["config"]["eval"]["features"] == "head1"
+    source = read_encoder(str(pretrained))
+    encoder = source.build()
+    encoder.load_state_dict(source.state)
+    head = source.build_head(encoder.feature_dim).eval()
+    features, images = features_from(encoder, source, "head2").eval(), torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(features(images), head(encoder.eval()(images)))  # head2 of a 2-layer head: g(h)
+        torch.testing.assert_close(features_from(encoder, source, "head1").eval()(images),
+                                   head_prefix(head, 1)(encoder(images)))
+    assert features_from(encoder, source, "encoder") is encoder
+    assert not any(p.requires_grad for p in features.layers.parameters())
+    headless = {k: v for k, v in torch.load(pretrained / "encoder.pt", weights_only=True).items()
+                if k not in ("head", "head_arch")}
+    torch.save(headless, tmp_path / "old.pt")  # an encoder.pt of an earlier version: the encoder only
+    for args, fragment in [(["eval.features=head3"], "has 2 layer(s); choose one of head1 to head2"),
+                           (["eval.features=head0"], "neither encoder nor headK"),
+                           (["eval.features=gh"], "neither encoder nor headK"),
+                           (["eval.features=head1", "eval.mode=finetune"], "applies to eval.mode=linear and knn"),
+                           (["eval.features=head1", f"checkpoint={tmp_path / 'old.pt'}"], "holds no projection head")]:
+        user_error_here(capsys, eval_args(tmp_path / "refused", f"checkpoint={pretrained}", *args), fragment)
+    user_error_here(capsys, eval_args(tmp_path / "refused", "checkpoint=none", "model.arch=resnet18",
+                                      "eval.features=head1"), "checkpoint=none has none")
+    assert not (tmp_path / "refused").exists()

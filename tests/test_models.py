@@ -212,3 +212,41 @@ def test_per_view_batch_norm_keeps_cumulative_averages_and_runs_without_affine(m
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
     assert ours.num_batches_tracked == theirs.num_batches_tracked == 6
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2, 3])
+def test_head_features_are_the_heads_intermediate_outputs(layers):
+    """head_prefix(head, K) is the head's first K layers (each linear map with its batch norm and ReLU): its output
+    is what the full head computes after that layer, and K = depth gives g(h). Depth 0 is no head: g(h) = h."""
+    from models.heads import HeadFeatures, head_depth, head_prefix
+
+    torch.manual_seed(0)
+    head = projection_head(16, 12, 8, layers).eval()
+    encoder = create_encoder("resnet18", width=2).eval()
+    assert head_depth(head) == layers
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        h = encoder(images)
+        expected, x = [h], h  # the head's output after each of its layers
+        for i, module in enumerate(head):
+            x = module(x.clone())
+            if i + 1 == len(head) or isinstance(head[i + 1], torch.nn.Linear):
+                expected.append(x)
+        for k in range(layers + 1):
+            features = HeadFeatures(encoder, head_prefix(head, k)).eval()
+            torch.testing.assert_close(features(images), expected[k])
+            assert features.feature_dim == expected[k].shape[1]
+        torch.testing.assert_close(expected[-1], head(h))
+    with pytest.raises(ValueError, match=f"has {layers} layer"):
+        head_prefix(head, layers + 1)
+
+
+def test_without_a_head_the_loss_compares_the_encoders_features():
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18", width=2)
+    model = SimCLR(encoder, projection_head(encoder.feature_dim, 8, 8, 0), temperature=0.5)
+    v1, v2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    out = model(v1, v2)
+    h1, h2 = encoder(torch.cat([v1, v2])).chunk(2)
+    torch.testing.assert_close(out["loss"], nt_xent(h1, h2, 0.5))
+    assert out["z1"].shape == (4, encoder.feature_dim) and not list(model.head.parameters())

@@ -43,8 +43,10 @@ def read_csv(path: Path) -> dict:
 
 
 def smoke_variant(path: Path, **changes) -> Path:
-    """Write a spec file at ``path``: the smoke table with top-level keys replaced."""
+    """Write a spec file at ``path``: the smoke table with top-level keys replaced (other rows: without its claims)."""
     spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
+    if "rows" in changes:
+        spec.pop("claims")
     path.write_text(yaml.safe_dump({**spec, **changes}))
     return path
 
@@ -85,6 +87,31 @@ def test_smoke_table_renders_the_runs_own_numbers(smoke_runs, tmp_path):
         assert f"{mean:.2f} ± {std:.2f} (2 seeds)" in result.stdout  # the Markdown shows the same numbers
     assert (tmp_path / "smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.stdout.startswith("### Smoke") and "| row | setting | column | ours | published |" in result.stdout
+    # the claims: each verdict is the one the rule gives on the rendered per-seed values
+    from tables.claims import judge
+
+    claims = json.loads((tmp_path / "smoke_claims.json").read_text())
+    assert [c["claim"] for c in claims] == ["t0.5 > scratch on linear", "t0.5/linear > t0.5/knn_val"]
+    for claim in claims:
+        better, worse = ([v for _, v in sorted(expected[(claim[row], claim[column])].items())]
+                         for row, column in (("better", "column"), ("worse", "worse_column")))
+        assert (claim["better_values"], claim["worse_values"]) == (better, worse) and not claim["missing"]
+        assert (claim["verdict"], claim["p_value"]) == judge(better, worse)
+        assert f"| {claim['claim']} |" in result.stdout and f"**{claim['verdict']}**" in result.stdout
+
+
+def test_rows_restrict_every_action(smoke_runs, tmp_path, capsys):
+    """--rows: only those rows' runs are printed, run (here: found finished and skipped) and rendered, with the claims
+    among them; an unknown row is one error line."""
+    reproduce_entry.main(["smoke", "--print", "--launcher", "python", "--rows", "t0.5"])
+    printed = capsys.readouterr().out
+    assert printed.count("\npython ") == 4 and "t0.2" not in printed and "scratch" not in printed
+    reproduce_entry.main(["smoke", "--run", "--render", "--rows", "scratch", "t0.5", "--runs-dir", str(smoke_runs),
+                          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 6 and "starting" not in out and "| t0.2 |" not in out
+    assert "| t0.5 > scratch on linear |" in out
+    assert_user_error_here(capsys, reproduce_entry.main, ["smoke", "--print", "--rows", "t9"], "has no row 't9'")
 
 
 def test_run_again_skips_finished_runs(smoke_runs):

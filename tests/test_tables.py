@@ -66,3 +66,79 @@ def test_a_collapsed_pretraining_counts_for_no_cell(tmp_path):
     records = {r.where.rsplit("/", 1)[-1]: r for r in scan_run_dirs(tmp_path)}
     assert records["fine"].status == "finished" and records["flat"].status == "collapsed"
     assert describe(records["flat"]) == "collapsed (train/z_std 0.12)"
+
+
+def _cells(values_by_row, seeds=(0, 1, 2)):
+    """Rendered cells of one column 'top1' from hand-written per-seed values (None: the seed did not run)."""
+    from tables.render import Cell
+    from tables.spec import Column, Row
+
+    column, cells = Column(name="top1", evaluation="pretrain", metric="m"), []
+    for name, values in values_by_row.items():
+        cell = Cell(Row(name=name), column)
+        for seed, value in zip(seeds, values):
+            if value is None:
+                cell.missing[seed] = "not run"
+            else:
+                cell.values[seed] = value
+        cells.append(cell)
+    return cells
+
+
+def test_claim_verdicts_from_the_seeds():
+    from tables.claims import DOES_NOT_HOLD, HOLDS, UNDECIDED, check_claims, judge
+    from tables.spec import Claim
+
+    assert judge([60.1, 60.8, 61.0], [55.2, 54.9, 56.0])[0] == HOLDS
+    assert judge([55.2, 54.9, 56.0], [60.1, 60.8, 61.0])[0] == DOES_NOT_HOLD
+    assert judge([60.1, 57.0, 62.0], [59.0, 61.5, 58.0])[0] == UNDECIDED  # within the spread
+    assert judge([60.0, 60.0], [59.0, 59.0]) == (HOLDS, 0.0)  # no spread at all: the means decide
+    assert judge([60.0, 60.0], [60.0, 60.0]) == (UNDECIDED, None)
+    assert judge([70.0], [50.0, 51.0]) == (UNDECIDED, None)  # one seed is no spread to judge by
+    cells = _cells({"a": [60.1, 60.8, None], "b": [55.2, None, None], "c": [55.0, 54.0, 56.5]})
+    partial, lonely = check_claims([Claim(better="a", worse="c", column="top1"),
+                                    Claim(better="a", worse="b", column="top1")], cells)
+    assert partial.verdict == HOLDS and partial.missing == ["a/top1 seed 2: not run"]
+    assert partial.better == [60.1, 60.8] and abs(partial.difference - ((60.1 + 60.8) / 2 - 165.5 / 3)) < 1e-9
+    assert lonely.verdict == UNDECIDED and lonely.missing == ["a/top1 seed 2: not run", "b/top1 seed 1: not run",
+                                                              "b/top1 seed 2: not run"]
+
+
+def test_claim_p_value_is_welchs():
+    """The one-sided p-value against Welch's t statistic and Welch-Satterthwaite degrees of freedom, by hand."""
+    import statistics
+
+    from scipy.stats import t as student_t
+
+    from tables.claims import one_sided_p
+
+    a, b = [61.0, 59.5, 60.7], [59.9, 58.2, 60.1, 58.8]
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    t = (statistics.fmean(a) - statistics.fmean(b)) / (va + vb) ** 0.5
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    assert abs(one_sided_p(a, b) - student_t.sf(t, df)) < 1e-12
+    assert abs(one_sided_p(b, a) - (1 - student_t.sf(t, df))) < 1e-12
+
+
+def test_claims_and_rows_are_checked_against_the_spec(tmp_path):
+    import pytest
+    import yaml
+
+    from core.errors import UserError
+    from tables.spec import REPO, select_rows
+
+    spec = yaml.safe_load((REPO / "configs" / "tables" / "smoke.yaml").read_text())
+    for claim, fragment in [({"better": "t0.9", "worse": "t0.5", "column": "linear"}, "names row 't0.9'"),
+                            ({"better": "scratch", "worse": "t0.5", "column": "knn_val"},
+                             "row 'scratch' is not measured in column 'knn_val'"),
+                            ({"better": "t0.5", "worse": "t0.5", "column": "linear"}, "with itself")]:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({**spec, "claims": [claim]}))
+        with pytest.raises(UserError, match=fragment):
+            load_table(str(path))
+    smoke = load_table("smoke")
+    chosen = select_rows(smoke, ["scratch", "t0.5"])
+    assert [r.name for r in chosen.rows] == ["t0.5", "scratch"] and len(chosen.claims) == 2
+    assert [c.worse for c in select_rows(smoke, ["t0.5"]).claims] == ["t0.5"]  # the claim within the row stays
+    with pytest.raises(UserError, match="has no row 't9'; its rows: t0.2, t0.5, scratch"):
+        select_rows(smoke, ["t9"])
