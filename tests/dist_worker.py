@@ -6,6 +6,8 @@
    parameter gradients and running statistics of one process on the whole batch (fp64), for each loss impl.
 3. Three LARS steps on sharded, augmented uint8 batches end with the weights of one process (fp64: in fp32 the
    gradient at initialization is itself only accurate to ~1e-3, so fp32 runs cannot be compared to 1e-5).
+5. The grouped contrastive loss (SupCon, DCL, DCLW) with gather=True: random groups of 1 to 8 views spread over both
+   ranks, so the ranks hold different numbers of anchors with a positive; DDP's average equals one process (fp64).
 4. Micro-batches and the gather compose: a ViT (no layer mixes samples) whose head has no batch norm, each rank's
    half of the batch in chunks of 2 under DDP, gives the gradients of one process on the whole batch at once.
 """
@@ -19,11 +21,12 @@ import torch
 from augment import SimCLRAugment
 from core import dist
 from engine.optim import create_optimizer
-from losses import nt_xent
+from losses import contrastive, nt_xent
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn
 
 nt_xent_module = importlib.import_module("losses.nt_xent")
+contrastive_module = importlib.import_module("losses.contrastive")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,6 +51,28 @@ def gather_checks(rank: int, world: int, results: dict) -> None:
             mean_loss = dist.all_reduce_mean(loss_shard.detach())
             results[f"gather/{impl}/n{n}/grad"] = relative(grad, whole.grad)
             results[f"gather/{impl}/n{n}/loss"] = abs(mean_loss.item() - loss_whole.item()) / loss_whole.item()
+
+
+def contrastive_checks(rank: int, world: int, results: dict) -> None:
+    contrastive_module.BLOCK_ELEMENTS = 50  # several blocks per rank in the fused path
+    g = torch.Generator().manual_seed(5)
+    views = 30
+    group = torch.repeat_interleave(torch.arange(8), torch.tensor([1, 8, 3, 2, 5, 1, 4, 6]))[torch.randperm(
+        views, generator=g)]
+    weight = torch.randn(16, 8, dtype=torch.float64, generator=g)
+    x = torch.randn(views, 16, dtype=torch.float64, generator=g)
+    rows = slice(rank * views // world, (rank + 1) * views // world)
+    for impl in ("reference", "fused"):
+        for name, kw in (("supcon", {}), ("dcl", {"decoupled": True}), ("dclw", {"decoupled": True, "dcl_sigma": 0.5})):
+            whole = weight.clone().requires_grad_()
+            loss_whole = contrastive(x @ whole, group, 0.3, impl=impl, **kw)
+            loss_whole.backward()
+            shard = weight.clone().requires_grad_()
+            loss_shard = contrastive(x[rows] @ shard, group[rows], 0.3, gather=True, impl=impl, **kw)
+            loss_shard.backward()
+            grad, mean_loss = dist.all_reduce_mean(shard.grad), dist.all_reduce_mean(loss_shard.detach())
+            results[f"contrastive/{impl}/{name}/grad"] = relative(grad, whole.grad)
+            results[f"contrastive/{impl}/{name}/loss"] = abs(mean_loss.item() - loss_whole.item()) / loss_whole.item()
 
 
 def ddp_checks(rank: int, world: int, device: torch.device, results: dict) -> None:
@@ -117,6 +142,7 @@ def main(out_path: str) -> None:
     rank, world = dist.rank(), dist.world_size()
     results = {"world_size": world}
     gather_checks(rank, world, results)
+    contrastive_checks(rank, world, results)
     ddp_checks(rank, world, device, results)
     micro_batch_checks(rank, world, device, results)
     if dist.is_main():

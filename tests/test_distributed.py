@@ -34,6 +34,8 @@ def test_gather_and_ddp_equal_one_process(tmp_path):
     assert metrics.pop("world_size") == 2
     gather = {k: v for k, v in metrics.items() if k.startswith("gather/")}
     assert len(gather) == 8 and max(gather.values()) < 1e-10  # loss and gradients, fp64; measured ~1e-16
+    grouped = {k: v for k, v in metrics.items() if k.startswith("contrastive/")}
+    assert len(grouped) == 12 and max(grouped.values()) < 1e-10, grouped  # SupCon, DCL, DCLW x 2 impls
     for impl in ("reference", "fused"):
         assert metrics[f"ddp/{impl}/grad"] < 1e-10  # fp64, global batch norm, DDP averaging + gather; ~4e-14
         assert metrics[f"ddp/{impl}/running_stats"] < 1e-10
