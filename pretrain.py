@@ -15,7 +15,6 @@ from typing import Sequence
 
 import torch
 
-from augment import SimCLRAugment
 from configs.load import load_config, to_yaml
 from configs.schema import PretrainConfig
 from core import dist
@@ -26,10 +25,11 @@ from data import EpochSampler, seeded_generator
 from engine.checkpoint import ENCODER_FILE, sha256_of
 from engine.cli import run_cli
 from engine.preemption import StopRequest
-from engine.pretraining import (Interval, StepContext, build_model, build_optimizer, check_config, collapse_summary,
-                                final_knn, finish_wandb, linear_probe_at_end, load_splits, log_evaluation,
-                                log_interval, log_view_pairs, monitor_metrics, online_classifier_results,
-                                open_records, progress, save_pictures, stopped_message, train_step)
+from engine.pretraining import (Interval, StepContext, build_augment, build_model, build_optimizer, check_config,
+                                collapse_summary, final_knn, finish_wandb, linear_probe_at_end, load_splits,
+                                log_evaluation, log_interval, log_view_pairs, monitor_metrics,
+                                online_classifier_results, open_records, progress, save_pictures, stopped_message,
+                                train_step)
 from engine.resume import (encoder_record, find_resume_state, restore, resumed_config, save_checkpoint,
                            save_encoder, schedule_segments)
 from engine.runlock import hold_run_dir
@@ -61,7 +61,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
 
     # ---------------------------------------------------------------- data: uint8 tensors resident on the device
     splits, train_images = load_splits(cfg, device)  # train_images: the labeled train (+ unlabeled) images
-    train_labels = splits.train_labels  # the online classifier's (it refuses data.unlabeled)
+    train_labels = splits.train_labels  # the online classifier's and SupCon's (both refuse data.unlabeled)
+    needs_labels = cfg.eval.online_linear or cfg.loss.name == "supcon"
     try:
         sampler = EpochSampler(len(train_images), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     except ValueError as err:
@@ -74,9 +75,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device, dtype, num_classes=splits.num_classes if cfg.eval.online_linear else None,
                         image_size=train_images.shape[-1])
-    augment = SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
-                            gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob,
-                            solarize_prob=cfg.aug.solarize_prob, mean=splits.mean, std=splits.std, crop=cfg.aug.crop)
+    augment = build_augment(cfg, splits, train_images.shape[-1])
     optimizer, schedule = build_optimizer(cfg, model, sampler.steps_per_epoch)
     if cfg.train.compile and device.type == "cpu":
         print("note: train.compile on CPU spends many minutes in Inductor's C++ compilation (over 8 min for a narrow "
@@ -112,7 +111,7 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
                 raise Stopped(stopped_message(stop, step, run), 128 + (stop.signum or signal.SIGTERM))
             lr = schedule(step)
             out = train_step(ctx, train_images[idx], seeded_generator(device, "augment", cfg.seed, step), lr,
-                             labels=train_labels[idx] if cfg.eval.online_linear else None)
+                             labels=train_labels[idx] if needs_labels else None)
             interval.add(out)
             step += 1
             if step % cfg.train.log_every == 0 or step % sampler.steps_per_epoch == 0:  # the only host syncs

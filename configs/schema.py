@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from core.names import ARCHS, EXPORT_FORMATS, LOSS_IMPLS, OPTIMIZERS
+from core.names import ARCHS, EXPORT_FORMATS, LOSS_IMPLS, LOSSES, OPTIMIZERS
 
 
 @dataclass
@@ -57,9 +57,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """NT-Xent: the contrastive loss over the 2N views of a batch."""
+    """The contrastive loss over the views of a batch (docs/pretraining.md: which to use when)."""
 
+    # ntxent: SimCLR (the views of one image are positives) | supcon: the views of every image of the same class are
+    # positives (needs labels) | dcl: decoupled, positives leave the denominator | dclw: dcl weighted by dcl_sigma
+    name: str = "ntxent"
     temperature: float = 0.5  # logits are cosine similarities / temperature
+    dcl_sigma: float = 0.5  # dclw only: the positive term's weight 2 - exp(s / sigma) / its mean over positive pairs
     impl: str = "auto"  # reference: one logit matrix | fused: blockwise, O(N) memory | auto: the faster measured
 
 
@@ -68,6 +72,11 @@ class AugConfig:
     """The SimCLR view augmentation, run batched on the device."""
 
     crop: bool = True  # random resized crop (with min_scale); false: every view is the whole image (flip still applies)
+    # multi-crop: K more views per image, small crops at local_size pixels, positives of every view of the image
+    local_crops: int = 0
+    local_size: int = 0  # pixels per side of the small views; 0 = half the image size
+    local_min_scale: float = 0.05  # small crops: smallest area fraction of the image
+    local_max_scale: float = 0.4  # small crops: largest area fraction
     strength: float = 0.5  # colour jitter strength s: brightness/contrast/saturation 0.8 s, hue 0.2 s
     min_scale: float = 0.08  # random resized crop: smallest area fraction
     jitter_prob: float = 0.8  # probability of the colour jitter
@@ -324,6 +333,7 @@ CHOICES = {
     "model.stem": ("auto", "cifar", "imagenet"),
     "model.arch": ARCHS,
     "loss.impl": LOSS_IMPLS,
+    "loss.name": LOSSES,
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
     "optim.name": OPTIMIZERS,
     "wandb.mode": ("auto", "online", "offline", "disabled"),
@@ -346,6 +356,11 @@ RANGES = {
     "model.proj_hidden_dim": (1, None, True),
     "model.proj_dim": (1, None, True),
     "loss.temperature": (0, None, False),
+    "loss.dcl_sigma": (0, None, False),
+    "aug.local_crops": (0, None, True),
+    "aug.local_size": (0, None, True),
+    "aug.local_min_scale": (0, 1, False),
+    "aug.local_max_scale": (0, 1, False),
     "aug.strength": (0, 2.5, True),  # hue range 0.2 s must stay within [-0.5, 0.5]
     "aug.min_scale": (0, 1, False),
     "aug.jitter_prob": (0, 1, True),

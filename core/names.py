@@ -3,6 +3,7 @@ losses/ and engine/optim.py build from them; tests check that each name has an i
 from __future__ import annotations
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small")  # models.create_encoder
-LOSS_IMPLS = ("auto", "reference", "fused")  # losses.nt_xent(impl=...)
+LOSS_IMPLS = ("auto", "reference", "fused")  # losses.nt_xent(impl=...), losses.contrastive(impl=...)
+LOSSES = ("ntxent", "supcon", "dcl", "dclw")  # models.SimCLR(loss_name=...)
 OPTIMIZERS = ("lars", "sgd", "adamw")  # engine.optim.create_optimizer
 EXPORT_FORMATS = ("torchscript", "onnx", "onnx_int8", "safetensors")  # engine.export.write_export

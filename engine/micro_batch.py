@@ -4,8 +4,9 @@ Plain gradient accumulation is wrong for a contrastive loss (each micro-batch wo
 Instead, as GradCache (Gao et al. 2021) does for dense retrieval, one step of a batch of B images runs:
 
 1. every chunk of M images through encoder + head without autograd, keeping only the 2B projections;
-2. NT-Xent over all 2B projections (gathered across processes under torchrun, fused where it pays) and its
-   gradient with respect to them;
+2. the loss over all the batch's projections (NT-Xent over 2B, or the grouped loss over every view with multi-crop
+   or SupCon; gathered across processes under torchrun, fused where it pays) and its gradient with respect to
+   them;
 3. per chunk, the forward again with autograd and a backward of that chunk's cached projection gradients, which
    accumulates the parameter gradients of the whole batch.
 
@@ -21,8 +22,6 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
-
-from losses import nt_xent
 
 
 @contextlib.contextmanager
@@ -71,41 +70,61 @@ def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
 
 
 def forward_backward_in_chunks(model: nn.Module, simclr: nn.Module, view1: torch.Tensor, view2: torch.Tensor,
-                               micro_batch: int, labels: Optional[torch.Tensor] = None) -> dict:
-    """One step's gradients for views [B, 3, H, W] in chunks of ``micro_batch`` images, equal to those of the whole
-    batch at once (up to batch norm seeing each chunk on its own, see the module docstring).
+                               micro_batch: int, labels: Optional[torch.Tensor] = None,
+                               local: Optional[torch.Tensor] = None) -> dict:
+    """One step's gradients for views [B, 3, H, W] (and multi-crop's small views [K B, 3, h, w], crop-major) in
+    chunks of ``micro_batch`` images, equal to those of the whole batch at once (up to batch norm seeing each chunk
+    on its own, see the module docstring).
 
     model: what runs the forward (the SimCLR module or its DDP / compiled wrapper); simclr: the unwrapped module (its
-    buffers and loss settings). Returns what SimCLR.forward returns: the loss of the whole batch, detached
-    embeddings z1, z2 [B, proj_dim] and, with labels, the online classifier's "online_correct"."""
+    buffers and its loss). Returns what SimCLR.forward returns: the loss of the whole batch, detached embeddings z1,
+    z2 [B, proj_dim] (z_local [K B, proj_dim]) and, with labels, the online classifier's "online_correct"."""
     batch = view1.shape[0]
     starts = range(0, batch, micro_batch)
+    crops = local.shape[0] // batch if local is not None else 0
+
+    def chunk(start: int):  # (view1, view2, small views) of images start .. start + micro_batch
+        rows = slice(start, start + micro_batch)
+        small = local.unflatten(0, (crops, batch))[:, rows].flatten(0, 1) if crops else None
+        return view1[rows], view2[rows], small
+
     rng = RngReplay(view1.device)
     with torch.no_grad(), buffers_kept(simclr):
         projections = []
         for start in starts:
             rng.mark(start)
-            out = model(view1[start:start + micro_batch], view2[start:start + micro_batch], project_only=True)
-            projections.append((out["z1"], out["z2"]))
+            v1, v2, small = chunk(start)
+            out = model(v1, v2, project_only=True, local_views=small)
+            projections.append((out["z1"], out["z2"], out.get("z_local")))
     after = rng.get()
     z1 = torch.cat([p[0] for p in projections]).requires_grad_()
     z2 = torch.cat([p[1] for p in projections]).requires_grad_()
-    loss = nt_xent(z1, z2, simclr.temperature, gather=simclr.gather, impl=simclr.loss_impl)
-    grad1, grad2 = torch.autograd.grad(loss, (z1, z2))
+    cached = [z1, z2]
+    if crops:  # each chunk's [K m, p] crop-major -> the batch's [K B, p], crop-major
+        cached.append(torch.cat([p[2].unflatten(0, (crops, -1)) for p in projections], dim=1).flatten(0, 1)
+                      .requires_grad_())
+    loss = simclr.loss(*cached, labels=labels)
+    grads = torch.autograd.grad(loss, cached)
     correct = torch.zeros((), dtype=torch.long, device=view1.device)
     for i, start in enumerate(starts):
         rows = slice(start, start + micro_batch)
         rng.replay(start)
+        v1, v2, small = chunk(start)
         with no_sync(model, last=i == len(starts) - 1):
-            out = model(view1[rows], view2[rows], None if labels is None else labels[rows], project_only=True)
-            outputs, grads = [out["z1"], out["z2"]], [grad1[rows], grad2[rows]]
+            out = model(v1, v2, None if labels is None else labels[rows], project_only=True, local_views=small)
+            outputs, chunk_grads = [out["z1"], out["z2"]], [grads[0][rows], grads[1][rows]]
+            if crops:
+                outputs.append(out["z_local"])
+                chunk_grads.append(grads[2].unflatten(0, (crops, batch))[:, rows].flatten(0, 1))
             if "online_loss" in out:  # a chunk's mean, weighted to make the batch's mean
                 outputs.append(out["online_loss"] * (out["z1"].shape[0] / batch))
-                grads.append(torch.ones_like(outputs[-1]))
+                chunk_grads.append(torch.ones_like(outputs[-1]))
                 correct += out["online_correct"]
-            torch.autograd.backward(outputs, grads)
+            torch.autograd.backward(outputs, chunk_grads)
     rng.set(after)  # the RNG continues as after one pass: the same stream whatever the chunk count
     result = {"loss": loss.detach(), "z1": z1.detach(), "z2": z2.detach()}
+    if crops:
+        result["z_local"] = cached[2].detach()
     if labels is not None and simclr.classifier is not None:
         result["online_correct"] = correct
     return result

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from augment import SimCLRAugment, normalization
 from configs.load import to_dict, to_yaml
-from configs.schema import PretrainConfig
+from configs.schema import LossConfig, PretrainConfig
 from core import dist
 from core.device import check_fits
 from core.errors import Diverged, UserError
@@ -34,7 +34,8 @@ from engine.plots import save_embedding_map, save_training_curves, view_pair_gri
 from engine.preemption import StopRequest
 from engine.tracking import MetricsLog, format_metrics, git_sha, run_facts, start_wandb, write_results
 from losses.diagnostics import embedding_stats
-from models import SimCLR, create_encoder, projection_head
+from models import SimCLR, create_encoder, is_vit, projection_head
+from models.vit import patch_size_for
 from models.global_bn import convert_to_global_bn
 from models.view_bn import per_view_batch_norm
 
@@ -56,6 +57,21 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.data.unlabeled and cfg.eval.online_linear:
         raise UserError("eval.online_linear trains on labeled batches, and with data.unlabeled=true most images have "
                         "no label: score the encoder with eval.linear_at_end=true (or finetune.py) instead")
+    if cfg.loss.name == "supcon" and cfg.data.unlabeled:
+        raise UserError("loss.name=supcon takes the positives from the labels, and with data.unlabeled=true most "
+                        "images have none: use loss.name=ntxent (or dcl, dclw) or data.unlabeled=false")
+    if cfg.loss.dcl_sigma != LossConfig.dcl_sigma and cfg.loss.name != "dclw":
+        raise UserError(f"loss.dcl_sigma={cfg.loss.dcl_sigma} weights DCLW's positives: it applies to loss.name=dclw "
+                        f"only, not {cfg.loss.name}")
+    if cfg.aug.local_crops:
+        if not cfg.aug.crop:
+            raise UserError("aug.local_crops are crops: they need aug.crop=true")
+        if cfg.aug.local_min_scale > cfg.aug.local_max_scale:
+            raise UserError(f"aug.local_min_scale={cfg.aug.local_min_scale} exceeds aug.local_max_scale="
+                            f"{cfg.aug.local_max_scale}")
+        if cfg.model.forward_views == "separate":
+            raise UserError("model.forward_views=separate normalizes two views per batch; with aug.local_crops use "
+                            "model.forward_views=joint")
     if cfg.model.forward_views == "separate" and cfg.model.sync_bn and dist.world_size() > 1:
         raise UserError("model.forward_views=separate computes per-view statistics on each process; global batch norm "
                         "per view is not implemented: set model.sync_bn=false (the peers' default) or "
@@ -101,13 +117,28 @@ def build_model(cfg: PretrainConfig, device: torch.device, dtype: torch.dtype = 
     head = projection_head(encoder.feature_dim, hidden, cfg.model.proj_dim, cfg.model.proj_layers,
                            hidden_bn=cfg.model.proj_bn, out_bn=cfg.model.proj_out_bn)
     model = SimCLR(encoder, head, cfg.loss.temperature, loss_impl=cfg.loss.impl, gather=dist.world_size() > 1,
-                   num_classes=num_classes, compute_dtype=dtype)
+                   num_classes=num_classes, compute_dtype=dtype, loss_name=cfg.loss.name,
+                   dcl_sigma=cfg.loss.dcl_sigma)
     if cfg.model.sync_bn and dist.world_size() > 1:  # statistics over the global batch, as in the paper
         model = convert_to_global_bn(model, device)
     if cfg.model.forward_views == "separate":  # per-view statistics, as the peers' two forward passes give
         model = per_view_batch_norm(model)
     model = model.to(device, dtype=torch.float64 if dtype == torch.float64 else None)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def build_augment(cfg: PretrainConfig, splits: LabeledSplits, image_size: int) -> SimCLRAugment:
+    """The view augmentation of aug.*, normalizing as the encoder's inputs are (``splits.mean``, ``splits.std``);
+    multi-crop's small views at aug.local_size pixels (0: half of ``image_size``), which a ViT must split into
+    patches."""
+    local_size = cfg.aug.local_size or image_size // 2
+    if cfg.aug.local_crops and is_vit(cfg.model.arch) and local_size % patch_size_for(image_size):
+        raise UserError(f"aug.local_size={local_size}: {cfg.model.arch} at {image_size} pixels takes views whose size "
+                        f"divides into {patch_size_for(image_size)}-pixel patches")
+    return SimCLRAugment(strength=cfg.aug.strength, min_scale=cfg.aug.min_scale, jitter_prob=cfg.aug.jitter_prob,
+                         gray_prob=cfg.aug.gray_prob, blur_prob=cfg.aug.blur_prob, solarize_prob=cfg.aug.solarize_prob,
+                         mean=splits.mean, std=splits.std, crop=cfg.aug.crop, local_crops=cfg.aug.local_crops,
+                         local_size=local_size, local_scale=(cfg.aug.local_min_scale, cfg.aug.local_max_scale))
 
 
 def build_optimizer(cfg: PretrainConfig, model: SimCLR, steps_per_epoch: int
@@ -144,27 +175,32 @@ class StepContext:
 
 def train_step(ctx: StepContext, images: torch.Tensor, generator: torch.Generator, lr: float,
                labels: Optional[torch.Tensor] = None) -> dict:
-    """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W] (labels [B]: only for the online
-    classifier); returns the model's output."""
-    view1, view2 = ctx.augment(images, generator, shard=(dist.rank(), dist.world_size()))
+    """Augment, forward, backward, optimizer step on one uint8 batch [B, 3, H, W] (labels [B]: for the online
+    classifier and SupCon); returns the model's output."""
+    shard = (dist.rank(), dist.world_size())
+    view1, view2 = ctx.augment(images, generator, shard=shard)
+    local = ctx.augment.local(images, generator, shard=shard) if ctx.augment.local_crops else None
     ctx.optimizer.zero_grad(set_to_none=True)
-    out = forward_backward(ctx, view1, view2, labels)
+    out = forward_backward(ctx, view1, view2, labels, local)
     set_lr(ctx.optimizer, lr)
     ctx.optimizer.step()
     return out
 
 
 def forward_backward(ctx: StepContext, view1: torch.Tensor, view2: torch.Tensor,
-                     labels: Optional[torch.Tensor] = None) -> dict:
-    """Loss of two view batches [B, 3, H, W] in the run's precision and memory layout, and its backward pass;
-    returns the model's output (gradients accumulate into the parameters)."""
+                     labels: Optional[torch.Tensor] = None, local: Optional[torch.Tensor] = None) -> dict:
+    """Loss of two view batches [B, 3, H, W] (and multi-crop's small views [K B, 3, h, w]) in the run's precision
+    and memory layout, and its backward pass; returns the model's output (gradients accumulate into the
+    parameters)."""
+    views = [v for v in (view1, view2, local) if v is not None]
     if ctx.dtype == torch.float64:  # train.precision=fp64: the whole model in double precision
-        view1, view2 = view1.double(), view2.double()
+        views = [v.double() for v in views]
     if ctx.device.type == "cuda":
-        view1, view2 = (v.contiguous(memory_format=torch.channels_last) for v in (view1, view2))
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    view1, view2, local = views[0], views[1], views[2] if local is not None else None
     if 0 < ctx.micro_batch < view1.shape[0]:  # exact large batches: cached projection gradients, chunk by chunk
-        return forward_backward_in_chunks(ctx.model, ctx.simclr, view1, view2, ctx.micro_batch, labels)
-    out = ctx.model(view1, view2, labels)  # bf16 autocast, where asked for, is inside (SimCLR.compute_dtype)
+        return forward_backward_in_chunks(ctx.model, ctx.simclr, view1, view2, ctx.micro_batch, labels, local)
+    out = ctx.model(view1, view2, labels, local_views=local)  # bf16 autocast, where asked for, is inside
     # The online classifier's loss reaches only its own weights (its input is detached).
     (out["loss"] + out["online_loss"] if "online_loss" in out else out["loss"]).backward()
     return out
@@ -232,7 +268,8 @@ class Interval:
         self.loss += out["loss"].detach()
         if "online_correct" in out:
             self.online_correct += out["online_correct"]
-        self.steps, self.views = self.steps + 1, self.views + 2 * out["z1"].shape[0]
+        small = out["z_local"].shape[0] if "z_local" in out else 0
+        self.steps, self.views = self.steps + 1, self.views + 2 * out["z1"].shape[0] + small
 
     def restart(self) -> None:
         self.loss.zero_()

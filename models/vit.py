@@ -32,8 +32,10 @@ def patch_size_for(image_size: int) -> int:
 
 def cifar_vit(arch: str, img_size: int = 32, patch_size: int = 0) -> nn.Module:
     """timm ViT without classifier: images [B, 3, S, S] -> class-token features [B, .feature_dim]; the patch size is
-    :func:`patch_size_for` S unless given, and must divide S."""
+    :func:`patch_size_for` S unless given, and must divide S. Other sizes (multi-crop's small views) take the
+    position embedding interpolated to their patch grid (timm's dynamic_img_size; the same outputs at S)."""
     patch_size = patch_size or patch_size_for(img_size)
     if img_size % patch_size:
         raise ValueError(f"{arch} takes images whose size divides into {patch_size}-pixel patches, not {img_size}")
-    return _vit_class()(img_size=img_size, patch_size=patch_size, num_classes=0, **SIZES[arch])
+    return _vit_class()(img_size=img_size, patch_size=patch_size, num_classes=0, dynamic_img_size=True,
+                        **SIZES[arch])

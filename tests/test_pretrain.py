@@ -55,6 +55,14 @@ def test_smoke_run_writes_the_run_directory(tmp_path):
     (["train.batch_size=5000"], "exceeds"),
     (["eval.linear_at_end=true", "data.val_size=0", "eval.knn_every=0"], "no validation split to choose among"),
     (["train.schedule_restarts=[1,1]"], "must be increasing epochs between 0 and train.epochs=2"),
+    (["loss.name=supcon", "data.unlabeled=true"], "loss.name=supcon takes the positives from the labels"),
+    (["loss.name=simclr"], "loss.name='simclr' is not one of ntxent, supcon, dcl, dclw"),
+    (["loss.dcl_sigma=0.2"], "applies to loss.name=dclw only, not ntxent"),
+    (["aug.local_crops=2", "aug.crop=false"], "need aug.crop=true"),
+    (["aug.local_crops=2", "aug.local_min_scale=0.5", "aug.local_max_scale=0.2"], "exceeds aug.local_max_scale"),
+    (["aug.local_crops=2", "model.forward_views=separate"], "use model.forward_views=joint"),
+    (["aug.local_crops=2", "aug.local_size=18", "model.arch=vit_tiny", "model.width=null"],
+     "divides into 4-pixel patches"),
 ])
 def test_bad_input(tmp_path, capsys, args, fragment):
     """In this process (run_cli, as `python pretrain.py` runs it); the first case also as a process of its own."""
@@ -92,8 +100,10 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_after_kill_minus_9_is_bit_identical(tmp_path):
-    args = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1"]
+@pytest.mark.parametrize("loss", [[], ["loss.name=supcon"], ["aug.local_crops=4", "aug.local_size=16"]],
+                         ids=["ntxent", "supcon", "multi-crop"])
+def test_resume_after_kill_minus_9_is_bit_identical(tmp_path, loss):
+    args = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1", *loss]
     straight = run_entry("pretrain.py", *tiny_run_args(tmp_path / "a", *args))
     assert straight.returncode == 0, straight.stderr
     # Second run: killed with SIGKILL mid-epoch, after its first checkpoint, then started again with the same command.
