@@ -4,8 +4,8 @@ checkpoint: a pretraining run (exports its encoder: features [N, D]) or an evalu
 (encoder + trained head: logits [N, C]). format: torchscript | onnx (dynamic batch) | onnx_int8 (statically quantized,
 calibrated on training images) | safetensors (weights + the metadata that rebuilds the module). Every export takes
 uint8 images [N, 3, S, S], RGB 0-255, and normalizes inside. After writing, the file is read back (torch.jit.load,
-onnxruntime, or rebuilt from safetensors) and its outputs on the first check_images test images are compared with the
-eager model's: beyond `tolerance` (onnx_int8: a test top-1 drop beyond max_top1_drop, or an encoder's features below
+onnxruntime, or rebuilt from safetensors) and its outputs on check_images test images (class-balanced, seeded, at the
+size the encoder was trained at, resized as the evaluation does) are compared with the eager model's: beyond `tolerance` (onnx_int8: a test top-1 drop beyond max_top1_drop, or an encoder's features below
 min_feature_cosine) nothing is written. <out>.json records the contract, the SHA-256 and the measured agreement;
 check_only=true checks an existing export again.
 """
@@ -16,11 +16,13 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from configs.load import load_config
 from configs.schema import ExportConfig
 from core.errors import UserError
 from core.files import write_json
-from data import load_source
+from data import balanced_subset, load_source, resize_images
 from engine.checkpoint import read_trained, sha256_of
 from engine.cli import run_cli
 from engine.export import (build_deployable, check_requirements, int8_agreement, load_export, max_relative_error,
@@ -48,13 +50,16 @@ def main(argv: Sequence[str]) -> dict:
     data = load_source(cfg.data.name, cfg.data.root, download=cfg.data.download, cache_dir=cfg.data.cache_dir)
     if not len(data.test_labels):
         raise UserError(f"data.root {cfg.data.root!r} has no test split to check the export on")
-    images, labels = data.test_images[:cfg.check_images].cpu(), data.test_labels[:cfg.check_images].cpu()
+    images, labels = check_images(data.test_images, data.test_labels, cfg.check_images, encoder_file.image_size)
 
     # ---------------------------------------------------------------- write (to a temporary name), read back, check
     if cfg.check_only:
         return check_existing(out, cfg, model, images, labels)
     meta = metadata(encoder_file, classes, cfg.format, image_size=images.shape[-1])
-    calibration = data.train_images[:cfg.calibration_images].cpu() if cfg.format == "onnx_int8" else None
+    calibration = calibration_labels = None
+    if cfg.format == "onnx_int8":
+        calibration, calibration_labels = check_images(data.train_images, data.train_labels, cfg.calibration_images,
+                                      encoder_file.image_size)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         write_export(model, cfg.format, tmp, images[:2], meta, calibration)
@@ -64,13 +69,28 @@ def main(argv: Sequence[str]) -> dict:
     finally:
         tmp.unlink(missing_ok=True)
     record = {**meta, "sha256": sha256_of(out), "checked_images": len(images), **measured,
-              "data": f"{cfg.data.name} {cfg.data.root}"}
+              "checked_per_class": per_class(labels, len(data.classes)), "data": f"{cfg.data.name} {cfg.data.root}"}
     if calibration is not None:
         record["calibration_images"] = len(calibration)
+        record["calibration_per_class"] = per_class(calibration_labels, len(data.classes))
     write_json(record_path(out), record)
     print(f"exported: {meta['kind']} {meta['arch']} -> {out} ({cfg.format}, {out.stat().st_size / 1e6:.2f} MB); "
           f"input {meta['input']}; output {meta['output']}; checked on {len(images)} test images: {text}", flush=True)
     return record
+
+
+def check_images(images: torch.Tensor, labels: torch.Tensor, count: int, size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images of a split, class-balanced and seeded (the same ones every time), as uint8 [n, 3, size, size]
+    with their labels [n]: an image folder's first images would all be one class."""
+    chosen = balanced_subset(labels.cpu(), count, seed=0)
+    picked = images[chosen.to(images.device)].cpu()
+    return (picked if picked.shape[-1] == size else resize_images(picked, size)), labels.cpu()[chosen]
+
+
+def per_class(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """How many of ``labels`` [n] fall in each class: what the record shows of a check's balance."""
+    return torch.bincount(labels, minlength=num_classes).tolist()
 
 
 def verify(cfg: ExportConfig, run, model, images, labels, what: str, consequence: str = "") -> tuple[dict, str]:

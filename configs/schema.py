@@ -285,7 +285,8 @@ class FinetuneConfig:
 class ExportConfig:
     """Export a pretraining run's encoder or an evaluation run's classifier (encoder + head) for deployment, then read
     the file back and check its outputs against the eager model on real test images. Input contract of every
-    export: uint8 images [N, 3, 32, 32], RGB 0-255, normalization inside; output features [N, D] or logits [N, C]."""
+    export: uint8 images [N, 3, S, S] at the size S the encoder was trained at, RGB 0-255, normalization inside; output
+    features [N, D] or logits [N, C]."""
 
     # a pretraining run directory (its encoder), an evaluation run directory (its classifier.pt: encoder + head), or
     # one of their files (encoder.pt, checkpoints/last.pt, classifier.pt)
@@ -295,9 +296,9 @@ class ExportConfig:
     format: str = "onnx"
     out: str = ""  # the file to write, which must not exist; <out>.json beside it records the contract and the check
     check_only: bool = False  # check the existing export at `out` (SHA-256 and outputs) instead of writing one
-    check_images: int = 512  # test images (the first of the test split) the export is checked on
+    check_images: int = 512  # test images the export is checked on (class-balanced, seeded)
     tolerance: float = 1e-4  # largest allowed max |exported - eager| / max |eager| on those images (not onnx_int8)
-    calibration_images: int = 512  # onnx_int8: training images (the first of the train split) that set the scales
+    calibration_images: int = 512  # onnx_int8: training images that set the scales (class-balanced, seeded)
     max_top1_drop: float = 1.0  # onnx_int8 classifier: largest allowed test top-1 loss against eager, in points
     min_feature_cosine: float = 0.98  # onnx_int8 encoder: smallest allowed mean cosine of its features to eager's
     data: DataConfig = field(default_factory=DataConfig)  # where the check's test images come from

@@ -103,18 +103,21 @@ def _download(name: str, root: Path, allowed: bool) -> None:
         raise UserError(f"could not download {label} into {str(root)!r} ({err}); {LOCAL_COPY_HINT}") from None
 
 
-def resized(dataset: ImageDataset, size: int) -> ImageDataset:
-    """Every split's images resized to size x size (antialiased bilinear, rounded back to uint8)."""
-    def resize(images: torch.Tensor) -> torch.Tensor:
-        if not len(images):
-            return torch.zeros(0, 3, size, size, dtype=torch.uint8)
-        out = [torch.nn.functional.interpolate(images[i:i + 1024].float(), size=(size, size), mode="bilinear",
-                                               antialias=True, align_corners=False)
-               for i in range(0, len(images), 1024)]
-        return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images [N, 3, H, W] -> uint8 [N, 3, size, size] (antialiased bilinear, rounded back to uint8)."""
+    if not len(images):
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
+    out = [torch.nn.functional.interpolate(images[i:i + 1024].float(), size=(size, size), mode="bilinear",
+                                           antialias=True, align_corners=False)
+           for i in range(0, len(images), 1024)]
+    return torch.cat(out).round_().clamp_(0, 255).to(torch.uint8)
 
-    return ImageDataset(resize(dataset.train_images), dataset.train_labels, resize(dataset.test_images),
-                        dataset.test_labels, dataset.classes, resize(dataset.unlabeled_images))
+
+def resized(dataset: ImageDataset, size: int) -> ImageDataset:
+    """Every split's images resized to size x size (``resize_images``)."""
+    return ImageDataset(resize_images(dataset.train_images, size), dataset.train_labels,
+                        resize_images(dataset.test_images, size), dataset.test_labels, dataset.classes,
+                        resize_images(dataset.unlabeled_images, size))
 
 
 def _decode_folder(path: Path, image_size: int = 0, unlabeled: bool = False) -> ImageDataset:

@@ -52,6 +52,16 @@ def split_train_val(labels: torch.Tensor, val_size: int, train_limit: int = 0, s
     return is_train.nonzero().squeeze(1), is_val.nonzero().squeeze(1)
 
 
+def balanced_subset(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Tensor:
+    """Indices (ascending) of ``count`` samples, class-balanced (a class with too few gives all it has), in the
+    seeded per-class order: labels int64 [N] -> int64 [<= count]. For checks that must see every class (an export's
+    calibration and test images), where the first ``count`` of an image folder would all be one class."""
+    if count >= labels.numel():
+        return torch.arange(labels.numel())
+    per_class = balanced_counts(count, int(labels.max()) + 1)
+    return (class_ranks(labels, seed) < per_class[labels]).nonzero().squeeze(1)
+
+
 def split_labeled(labels: torch.Tensor, val_size: int, label_fraction: float = 1.0, train_limit: int = 0,
                   seed: int = 0, val_share: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices (ascending) of the labeled training subset and of the validation split.

@@ -273,3 +273,46 @@ def test_int8_onnx_of_a_width_8_classifier_is_at_most_035x_the_fp32_file(tmp_pat
     write_export(model, "onnx_int8", tmp_path / "int8.onnx", images[:2], meta, calibration=images)
     assert (tmp_path / "int8.onnx").stat().st_size <= 0.35 * (tmp_path / "fp32.onnx").stat().st_size
     assert read_metadata(tmp_path / "int8.onnx", "onnx_int8")["classes"] == meta["classes"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_an_encoder_trained_at_48_pixels_is_exported_and_checked_at_48(arch, tmp_path):
+    """The export's input and its check follow the size in encoder.pt (the 32-pixel test images resized as the
+    evaluation resizes them); both architectures used to be exported or checked at the dataset's 32 pixels."""
+    torch.manual_seed(0)
+    width = 4 if arch == "resnet18" else None
+    encoder = create_encoder(arch, width, 48)
+    torch.save({"encoder": encoder.state_dict(), "normalize": "cifar",
+                "arch": {"arch": arch, "width": width, "image_size": 48, "stem": "auto"}}, tmp_path / "encoder.pt")
+    out = tmp_path / "enc.onnx"
+    export_entry.main([f"checkpoint={tmp_path / 'encoder.pt'}", "format=onnx", f"out={out}", "data.name=synthetic",
+                       "check_images=20"])
+    record = json.loads((tmp_path / "enc.onnx.json").read_text())
+    assert record["input"].startswith("uint8 [N, 3, 48, 48]") and record["image_size"] == 48
+    assert record["max_relative_error"] <= TOLERANCE and record["checked_per_class"] == [2] * 10
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[-2:] == [48, 48]
+
+
+def test_int8_calibration_and_check_images_are_class_balanced_on_a_folder(tmp_path):
+    """An image folder lists its images class by class: the first 30 training images of this one are all class00.
+    Calibration and check images are drawn class-balanced (and seeded: the same on a second export)."""
+    from tests.test_datasets import write_folder
+
+    root = write_folder(tmp_path / "f", 32, classes=3, per_class=40, test_per_class=12)
+    torch.manual_seed(0)
+    encoder = create_encoder("resnet18", 4, 32)
+    torch.save({"encoder": encoder.state_dict(), "normalize": "cifar",
+                "arch": {"arch": "resnet18", "width": 4, "image_size": 32}}, tmp_path / "encoder.pt")
+    records = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.onnx"
+        export_entry.main([f"checkpoint={tmp_path / 'encoder.pt'}", "format=onnx_int8", f"out={out}",
+                           "data.name=folder", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+                           "calibration_images=30", "check_images=30", "min_feature_cosine=0"])
+        records.append(json.loads((tmp_path / f"{name}.onnx.json").read_text()))
+    assert records[0]["calibration_per_class"] == [10, 10, 10] and records[0]["checked_per_class"] == [10, 10, 10]
+    assert records[0]["feature_cosine_mean"] == records[1]["feature_cosine_mean"]
+    assert records[0]["sha256"] == records[1]["sha256"]  # the same calibration images, the same scales
