@@ -28,12 +28,20 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def restarted_lr_at(step: int, *, restart_steps: Sequence[int], total_steps: int, **schedule: Any) -> float:
+RESTART_WARMUP_SHARE = 0.1  # a restarted segment warms up for at most this share of its steps
+
+
+def restarted_lr_at(step: int, *, restart_steps: Sequence[int], total_steps: int, warmup_steps: int,
+                    **schedule: Any) -> float:
     """:func:`lr_at` run afresh in each segment between restarts: warm-up and cosine over [restart_i, restart_i+1)
-    (the last segment ends at total_steps), as a run of the segment's length would have them."""
+    (the last segment ends at total_steps). A restarted segment warms up for warmup_steps but at most a tenth of its
+    own steps, so that it anneals however short it is: an extension by no more than the warm-up would otherwise be
+    all warm-up and end at the peak lr. The first segment keeps warmup_steps as configured."""
     start = max((r for r in restart_steps if r <= step), default=0)
     end = min((r for r in restart_steps if r > step), default=total_steps)
-    return lr_at(step - start, total_steps=end - start, **schedule)
+    if start > 0:
+        warmup_steps = min(warmup_steps, int(RESTART_WARMUP_SHARE * (end - start)))
+    return lr_at(step - start, total_steps=end - start, warmup_steps=warmup_steps, **schedule)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -144,5 +144,19 @@ def test_a_restarted_schedule_runs_each_segment_as_a_run_of_its_own():
     whole = [lr_at(s, total_steps=10, **schedule) for s in range(10)]
     extended = [restarted_lr_at(s, restart_steps=[10], total_steps=16, **schedule) for s in range(16)]
     assert extended[:10] == whole
-    assert extended[10:] == [lr_at(s, total_steps=6, **schedule) for s in range(6)]  # warm-up again, then cosine
+    assert extended[10:] == [lr_at(s, total_steps=6, peak_lr=1.0, warmup_steps=0) for s in range(6)]  # 6 // 10 = 0
+    longer = [restarted_lr_at(s, restart_steps=[10], total_steps=40, **schedule) for s in range(40)]
+    assert longer[10:] == [lr_at(s, total_steps=30, **schedule) for s in range(30)]  # warm-up again, then cosine
     assert restarted_lr_at(3, restart_steps=[], total_steps=10, **schedule) == whole[3]
+
+
+def test_a_restarted_segment_no_longer_than_its_warm_up_still_ends_annealed():
+    """2 -> 3 epochs of 40 steps with 1 warm-up epoch: the added segment was all warm-up and ended at the peak.
+    Its warm-up now takes at most a tenth of it (4 steps), and it ends at the cosine's end, as every segment does."""
+    schedule = dict(peak_lr=0.39, warmup_steps=40, min_lr=0.0)
+    segment = [restarted_lr_at(s, restart_steps=[80], total_steps=120, **schedule) for s in range(80, 120)]
+    assert segment[:4] == pytest.approx([0.39 * k / 4 for k in (1, 2, 3, 4)])
+    assert max(segment) == pytest.approx(0.39) and segment[-1] < 0.01 * 0.39
+    assert segment == [lr_at(s, total_steps=40, peak_lr=0.39, warmup_steps=4) for s in range(40)]
+    first = [restarted_lr_at(s, restart_steps=[80], total_steps=120, **schedule) for s in range(80)]
+    assert first == [lr_at(s, total_steps=80, **schedule) for s in range(80)]  # the first segment as configured
