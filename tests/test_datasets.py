@@ -84,8 +84,49 @@ def test_a_crafted_cifar_pickle_is_refused_and_its_payload_never_runs(tmp_path):
                     protocol=2)
     result = run_entry("pretrain.py", "data.name=cifar100", f"data.root={tmp_path}", "data.download=false",
                        f"run.dir={tmp_path / 'runs'}", *TINY)
-    assert_user_error(result, "holds more than arrays, lists, numbers and strings (it names posix.system)")
+    assert_user_error(result, "holds more than arrays of numbers, lists, numbers and strings (it asks for posix.system)")
     assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def crafted_object_array(slots: int) -> bytes:
+    """125 bytes asking numpy for an object array of ``slots`` entries filled from an empty list: read by a plain
+    unpickler, 10^8 slots took 763 MiB (or crashed the interpreter) and 2^31 a MemoryError traceback."""
+    count = b"J" + slots.to_bytes(4, "little", signed=True) if slots < 2 ** 31 else b"\x8a\x05" + slots.to_bytes(5, "little")
+    return (b"\x80\x03cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R(K\x01" + count +
+            b"\x85cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff"
+            b"\xff\xff\xffK?tb\x89]tb.")
+
+
+def test_a_pickle_cannot_make_the_reader_allocate_more_than_the_file_holds(tmp_path):
+    """Object arrays, shapes the data does not fill and arrays built by calling numpy.ndarray are refused with one
+    line, before any memory is taken; the official files' uint8 arrays (protocol 2) still load (test above)."""
+    from data.formats import read_pickle
+
+    cases = {"objects_1e8": crafted_object_array(10 ** 8), "objects_2e31": crafted_object_array(2 ** 31)}
+    small = pickle.dumps({b"data": np.zeros((2, 4), np.uint8)}, protocol=2)
+    assert b"K\x02K\x04\x86" in small  # the shape (2, 4), made (10^8, 4) with its 8 bytes of data
+    cases["short_data"] = small.replace(b"K\x02K\x04\x86", b"J\x00\xe1\xf5\x05K\x04\x86")
+    cases["ndarray_called"] = (b"\x80\x02cnumpy\nndarray\nJ\x00\xe1\xf5\x05\x85\x85R.")
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(UserError) as err:
+            read_pickle(tmp_path / name)
+        assert "so it was not loaded" in str(err.value) or "cannot read" in str(err.value), name
+        assert {"objects_1e8": "dtype object", "objects_2e31": "dtype object", "ndarray_called": "takes no arguments",
+                "short_data": "[100000000, 4] and uint8 (400000000 bytes) from 8 bytes"}[name] in str(err.value)
+
+
+def test_cifar_labels_that_do_not_fit_the_images_or_the_classes_are_refused(tmp_path):
+    write_cifar100(tmp_path)
+    train = tmp_path / "cifar-100-python" / "train"
+    for labels, fragment in (([0] * 39, "holds 40 images but 39 labels"),
+                             ([0] * 39 + [4], "training labels run from 0 to 4, outside 0..3 for the 4 classes"),
+                             ([0] * 39 + [-1], "training labels run from -1 to 0")):
+        images = np.zeros((40, 3, 32, 32), np.uint8)
+        with open(train, "wb") as f:
+            pickle.dump(cifar_batch(images, labels, b"fine_labels"), f, protocol=2)
+        with pytest.raises(UserError, match=fragment.replace("..", r"\.\.")):
+            load_source("cifar100", str(tmp_path))
 
 
 def write_stl10(root, per_class=4, test_per_class=2, unlabeled=50, seed=0):
