@@ -23,7 +23,7 @@ from core import dist
 from core.device import check_fits
 from core.errors import Diverged, UserError
 from core.files import write_json, write_text_atomic
-from data import EpochSampler, load_source, seeded_generator, split_train_val
+from data import EpochSampler, balanced_subset, load_source, seeded_generator, split_train_val
 from engine.accuracy import topk_accuracy
 from engine.checkpoint import ENCODER_FILE, last_checkpoint, sha256_of
 from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
@@ -216,12 +216,17 @@ class RunRecords:
     wandb_run: Optional[object]  # engine.tracking.WandbRun on rank 0 when W&B is on
     steps_per_epoch: int
     started: float = field(default_factory=time.perf_counter)  # training began in this process
+    elapsed_before: float = 0.0  # seconds trained by the processes before this one (from the checkpoint resumed)
     collapse_warned: bool = False
     encoder: dict = field(default_factory=dict)  # what rebuilds and feeds the encoder (engine.resume.encoder_record)
 
     @property
     def checkpoint(self) -> Path:
         return last_checkpoint(self.run_dir)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, across resumes (time/elapsed_s), so curves against time never run backwards."""
+        return self.elapsed_before + time.perf_counter() - self.started
 
 
 def open_records(cfg: PretrainConfig, run_dir: Path, wandb_cfg, resume: Optional[dict], steps_per_epoch: int,
@@ -236,7 +241,8 @@ def open_records(cfg: PretrainConfig, run_dir: Path, wandb_cfg, resume: Optional
     if dist.is_main():
         write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main(), wandb_run=wandb_run)
-    return RunRecords(cfg, run_dir, metrics, wandb_run, steps_per_epoch)
+    return RunRecords(cfg, run_dir, metrics, wandb_run, steps_per_epoch,
+                      elapsed_before=float(resume.get("elapsed_s", 0.0)) if resume else 0.0)
 
 
 def log_view_pairs(wandb_run, augment: SimCLRAugment, images: torch.Tensor, seed: int) -> None:
@@ -291,7 +297,7 @@ def log_interval(run: RunRecords, interval: Interval, out: dict, model: SimCLR, 
     record = run.metrics.log(step, step / run.steps_per_epoch, {
         "train/loss": loss, "train/lr": lr, "train/base_lr": run.cfg.optim.base_lr,
         "train/views_per_s": interval.views * dist.world_size() / seconds,
-        "time/elapsed_s": time.perf_counter() - run.started, **stats})
+        "time/elapsed_s": run.elapsed(), **stats})
     if isinstance(batches, tqdm):
         batches.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}")
     elif dist.is_main():
@@ -369,7 +375,7 @@ def online_classifier_results(model: SimCLR, splits: LabeledSplits, dtype: torch
 
 def log_evaluation(run: RunRecords, step: int, epoch: float, values: dict) -> dict:
     """Log and print evaluation metrics with the seconds of training so far (0 before the first step)."""
-    elapsed = time.perf_counter() - run.started if step else 0.0
+    elapsed = run.elapsed() if step else 0.0
     record = run.metrics.log(step, epoch, {**values, "time/elapsed_s": elapsed})
     if dist.is_main():
         print(format_metrics(record), flush=True)
@@ -406,7 +412,7 @@ def save_pictures(run: RunRecords, encoder: torch.nn.Module, splits: LabeledSpli
     written = [run.run_dir / "curves.png"]
     save_training_curves(run.metrics.records(), written[0], title)
     if len(splits.val_labels):
-        shown = slice(0, EMBEDDING_IMAGES)
+        shown = embedding_images(splits.val_labels, run.cfg.seed)
         features = extract_features(encoder, splits.val_images[shown], mean=splits.mean, std=splits.std, dtype=dtype)
         written.append(run.run_dir / "embedding.png")
         save_embedding_map(features, splits.val_labels[shown], splits.classes, written[1],
@@ -417,11 +423,17 @@ def save_pictures(run: RunRecords, encoder: torch.nn.Module, splits: LabeledSpli
     return written
 
 
+def embedding_images(val_labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Indices of the EMBEDDING_IMAGES validation images that embedding.png and the W&B projector show: class-balanced
+    and seeded (the split lists its images in index order, which for an image folder is class by class)."""
+    return balanced_subset(val_labels.cpu(), EMBEDDING_IMAGES, seed).to(val_labels.device)
+
+
 def finish_wandb(wandb_run, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype, run_dir: Path,
-                 summary: dict, step: int, epoch: int) -> None:
+                 summary: dict, step: int, epoch: int, seed: int = 0) -> None:
     """The end of the W&B run: validation embeddings for the projector, encoder.pt as a model artifact, summary."""
     if len(splits.val_labels):
-        shown = slice(0, EMBEDDING_IMAGES)
+        shown = embedding_images(splits.val_labels, seed)
         features = extract_features(encoder, splits.val_images[shown], mean=splits.mean, std=splits.std, dtype=dtype)
         wandb_run.log_embeddings("val/embeddings", features, splits.val_labels[shown], splits.classes, step, epoch)
     wandb_run.log_encoder(run_dir / ENCODER_FILE, run_dir.name, {"git_sha": git_sha(), **summary})

@@ -29,6 +29,7 @@ def save_checkpoint(run: RunRecords, model: SimCLR, optimizer: torch.optim.Optim
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                      "config": to_dict(run.cfg), "best_knn": best_knn, "torch_rng": torch.get_rng_state(),
                      "git_sha": git_sha(), "wandb_run_id": run.wandb_run.id if run.wandb_run else None,
+                     "elapsed_s": run.elapsed(),
                      **run.encoder}, run.checkpoint)
     dist.barrier()  # no rank runs ahead of a checkpoint that a restart would need
 

@@ -156,3 +156,19 @@ def test_selection_within_the_labeled_fraction_uses_no_label_beyond_it():
 def test_label_fraction_outside_unit_interval_is_a_user_error(fraction):
     with pytest.raises(UserError, match="outside"):
         split_labeled(cifar_like_labels(), 5000, fraction)
+
+
+def test_balanced_subsets_see_every_class_of_a_split_listed_class_by_class():
+    """An image folder's split lists its images class by class: the first 1,000 of 5,000 validation images are two
+    classes. The embedding map's images (and an export's check images) are a seeded, class-balanced subset."""
+    from data import balanced_subset
+    from engine.pretraining import embedding_images
+
+    labels = torch.arange(10).repeat_interleave(500)  # [5000], sorted by class
+    shown = embedding_images(labels, seed=3)
+    assert torch.bincount(labels[shown], minlength=10).tolist() == [100] * 10
+    assert torch.equal(shown, embedding_images(labels, seed=3)) and not torch.equal(shown, embedding_images(labels, 4))
+    assert torch.bincount(labels[:1000], minlength=10).tolist()[:3] == [500, 500, 0]  # what index order gave
+    short = torch.cat([torch.zeros(3, dtype=torch.int64), torch.ones(50, dtype=torch.int64)])
+    assert torch.bincount(short[balanced_subset(short, 20)]).tolist() == [3, 10]  # a short class gives all it has
+    assert balanced_subset(short, 100).tolist() == list(range(53))

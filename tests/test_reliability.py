@@ -118,6 +118,8 @@ def test_train_epochs_on_resume_never_rewrites_the_schedule_and_an_extension_is_
     assert extended.returncode == 0 and "its lr schedule starts again at epoch 2" in extended.stdout, extended.stderr
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "train/lr" in r]
     lr, per_epoch = {r["step"]: r["train/lr"] for r in records}, round(records[0]["step"] / records[0]["epoch"])
+    times = [r["time/elapsed_s"] for r in read_jsonl(run / "metrics.jsonl") if r.get("time/elapsed_s")]
+    assert times == sorted(times) and len(times) > 4  # carried across the stop and the extension: never backwards
     first, last = 2 * per_epoch + 1, 3 * per_epoch  # the new phase: a schedule of its own that ends annealed
     assert lr[first - 1] < lr[first] and lr[last] < lr[first] and lr[last] < 0.1 * max(lr.values())
     config = yaml.safe_load((run / "config.yaml").read_text())
