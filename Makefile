@@ -20,10 +20,10 @@ pretrain: $(STAMP)
 	$(PY) pretrain.py $(ARGS)
 
 # Test files run side by side on TEST_WORKERS processes (pytest-xdist; a file stays on one, so its module fixtures
-# are built once); TEST_WORKERS=0 runs them in this process.
+# are built once); TEST_WORKERS=0 runs them in this process. The 15 slowest tests are listed at the end (the CI budget).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(ARGS)
 
 # What the device tool carries to a GPU machine (docs/performance.md): the data archive, and pinned wheels of what its
 # image lacks (it has torch, torchvision, timm, pytest, pytorch-lightning, torchmetrics, lightning-utilities, ...).
