@@ -11,9 +11,12 @@ Instead, as GradCache (Gao et al. 2021) does for dense retrieval, one step of a 
    accumulates the parameter gradients of the whole batch.
 
 Memory is one chunk's activations plus 2B projections, whatever B is; the price is one extra forward pass. Batch
-norm sees each chunk as its own batch (as B/M processes with per-process statistics would); its running statistics
-are updated once per chunk, by the pass with autograd: the pass without it keeps them untouched. Randomness inside
-the forward (dropout, drop-path) is replayed: both passes of a chunk start from the same RNG state.
+norm sees each chunk as its own batch (as B/M processes with per-process statistics would). Its running statistics
+move once per step, as in a step without chunks: every chunk's pass with autograd starts from the step's statistics,
+and the step ends at their mean over the chunks, (1 - momentum) r + momentum * mean_c(chunk statistics), with
+num_batches_tracked counting the step once (the pass without autograd keeps them untouched). Updated once per chunk,
+8 chunks would have moved them 57% of the way to the batch's statistics in one step at momentum 0.1, and counted 8.
+Randomness inside the forward (dropout, drop-path) is replayed: both passes of a chunk start from the same RNG state.
 """
 from __future__ import annotations
 
@@ -34,6 +37,41 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+
+
+class StepStatistics:
+    """Batch norm's running statistics (every buffer a forward may change) moved once for a step of several chunks:
+    ``begin()`` before each chunk's forward puts the step's starting values back; ``end()`` sets each buffer to its
+    start plus the mean of the chunks' changes (for counters, the one chunk's change), bit-identical to an ordinary
+    step for a single chunk and for buffers no forward touches."""
+
+    def __init__(self, module: nn.Module, chunks: int) -> None:
+        self.chunks = chunks
+        self.buffers = [b for b in module.buffers()]
+        self.start = [b.clone() for b in self.buffers]
+        self.change = [torch.zeros_like(b) if b.is_floating_point() else None for b in self.buffers]
+        self.started = False
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        if self.chunks == 1:
+            return
+        if self.started:
+            for buffer, start, change in zip(self.buffers, self.start, self.change):
+                if change is not None:
+                    change += buffer - start
+                buffer.copy_(start)
+        self.started = True
+
+    @torch.no_grad()
+    def end(self) -> None:
+        if self.chunks == 1:
+            return
+        for buffer, start, change in zip(self.buffers, self.start, self.change):
+            if change is not None:
+                change += buffer - start
+                buffer.copy_(torch.where(change == 0, start, start + change / self.chunks))
+            # integer counters (num_batches_tracked): every chunk moved them alike, as one step does; kept
 
 
 class RngReplay:
@@ -106,9 +144,11 @@ def forward_backward_in_chunks(model: nn.Module, simclr: nn.Module, view1: torch
     loss = simclr.loss(*cached, labels=labels)
     grads = torch.autograd.grad(loss, cached)
     correct = torch.zeros((), dtype=torch.long, device=view1.device)
+    statistics = StepStatistics(simclr, len(starts))
     for i, start in enumerate(starts):
         rows = slice(start, start + micro_batch)
         rng.replay(start)
+        statistics.begin()
         v1, v2, small = chunk(start)
         with no_sync(model, last=i == len(starts) - 1):
             out = model(v1, v2, None if labels is None else labels[rows], project_only=True, local_views=small)
@@ -121,6 +161,7 @@ def forward_backward_in_chunks(model: nn.Module, simclr: nn.Module, view1: torch
                 chunk_grads.append(torch.ones_like(outputs[-1]))
                 correct += out["online_correct"]
             torch.autograd.backward(outputs, chunk_grads)
+    statistics.end()
     rng.set(after)  # the RNG continues as after one pass: the same stream whatever the chunk count
     result = {"loss": loss.detach(), "z1": z1.detach(), "z2": z2.detach()}
     if crops:

@@ -60,8 +60,21 @@ def _resnet_simclr():
 
 def _per_chunk_reference(model, v1, v2, micro):
     """What micro-batches compute with batch norm: each chunk forwarded with autograd on its own (its own batch
-    statistics, one running-statistics update), projections concatenated, one loss over all of them."""
-    parts = [model(v1[s:s + micro], v2[s:s + micro], project_only=True) for s in range(0, len(v1), micro)]
+    statistics), projections concatenated, one loss over all of them; the running statistics move once for the step:
+    each chunk's update from the step's starting values, averaged over the chunks."""
+    from torch.func import functional_call
+
+    start = {name: b.clone() for name, b in model.named_buffers()}
+    parts, after = [], []
+    for s in range(0, len(v1), micro):
+        buffers = {name: b.clone() for name, b in start.items()}  # this chunk's update lands here
+        parts.append(functional_call(model, {**dict(model.named_parameters()), **buffers},
+                                     (v1[s:s + micro], v2[s:s + micro]), {"project_only": True}))
+        after.append(buffers)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(start[name] + sum(a[name] - start[name] for a in after) / len(after) if b.is_floating_point()
+                    else after[-1][name])  # a counter: each chunk counted the step once
     z1, z2 = torch.cat([p["z1"] for p in parts]), torch.cat([p["z2"] for p in parts])
     loss = nt_xent(z1, z2, model.temperature)
     loss.backward()
@@ -80,10 +93,14 @@ def test_with_batch_norm_chunks_equal_per_chunk_forwards_and_update_statistics_o
     got = forward_backward_in_chunks(runner, ours, v1, v2, micro_batch=2)["loss"]
     assert abs(got.item() - expected.item()) < 1e-12
     assert max(relative(b.grad, a.grad) for a, b in zip(reference.parameters(), ours.parameters())) < 1e-10
-    for (name, a), b in zip(reference.named_buffers(), ours.buffers()):  # one update per chunk, not two
+    for (name, a), b in zip(reference.named_buffers(), ours.buffers()):  # the step's update, not one per chunk
         assert torch.equal(a, b) if not a.is_floating_point() else relative(b, a) < 1e-12, name
-    assert reference.encoder.bn1.num_batches_tracked == 4
+    assert ours.encoder.bn1.num_batches_tracked == 1  # counted once per step, as without chunks (was 4)
     assert torch.equal(torch.get_rng_state(), rng_after)  # the RNG continues as after one pass
+    fresh, whole = _resnet_simclr(), _resnet_simclr()
+    whole(v1, v2, project_only=True)  # an ordinary step over the 8 images: its statistics move by one momentum share
+    moved = [(m.encoder.bn1.running_var - fresh.encoder.bn1.running_var).norm().item() for m in (ours, whole)]
+    assert 0.5 < moved[0] / moved[1] < 2  # 1.00 (4 updates per step, as before, moved it 3.45x as far)
 
 
 def test_micro_batched_pretraining_through_the_command_line(tmp_path):
