@@ -19,7 +19,7 @@ from configs.load import load_config, to_yaml
 from configs.schema import PretrainConfig
 from core import dist
 from core.device import resolve_device, resolve_precision
-from core.errors import Stopped, UserError
+from core.errors import Collapsed, Stopped, UserError
 from core.files import write_json
 from data import EpochSampler, seeded_generator
 from engine.checkpoint import ENCODER_FILE, sha256_of
@@ -127,7 +127,9 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
     # ---------------------------------------------------------------- finish
     summary = {"status": "finished", "step": step, "epoch": cfg.train.epochs, "git_sha": git_sha(),
                "schedule_segments": schedule_segments(cfg.train), **final_knn(run.metrics),
-               **collapse_summary(run.metrics, cfg.train.epochs)}
+               **collapse_summary(run.metrics, cfg.train.epochs, cfg.model.proj_dim)}
+    if summary.get("collapsed"):  # a result, like divergence: recorded, its encoder kept, a distinct exit status
+        summary["status"] = "collapsed"
     if best_knn is not None:
         summary["knn/best_top1"] = best_knn
     if cfg.eval.online_linear:  # solo-learn's protocol: the classifier trained beside pretraining, scored once
@@ -145,6 +147,10 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     dist.barrier()
     dist.shutdown()
+    if summary["status"] == "collapsed":
+        raise Collapsed(f"the embeddings collapsed (over the last epoch train/erank {summary['train/erank']}, "
+                        f"train/neg_cos {summary['train/neg_cos']}); {run_dir / 'summary.json'} records it and "
+                        f"{ENCODER_FILE} is kept for inspection. Often a learning rate that is too high")
     return summary
 
 

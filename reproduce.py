@@ -124,7 +124,7 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
     found = match(plan, scan_run_dirs(runs_dir))
     for run in plan.runs:
         record, pending = found[run.name], pretraining_pending(run, found)
-        if record is not None and record.status in ("finished", "diverged"):
+        if record is not None and record.status in ("finished", "diverged", "collapsed"):
             print(f"reproduce: {run.name}: {describe(record)} ({record.where}), skipped", flush=True)
             continue
         if pending:
@@ -134,7 +134,8 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
         print(f"reproduce: {run.name}: {'resuming' if record else 'starting'} in {where}", flush=True)
         result = subprocess.run(launch_argv(run, run_args, launcher, nproc_per_node))
         found = match(plan, scan_run_dirs(runs_dir))  # again: this run has just written its directory
-        if result.returncode != 0 and (found[run.name] is None or found[run.name].status != "diverged"):
+        if result.returncode != 0 and (found[run.name] is None or found[run.name].status not in ("diverged",
+                                                                                                   "collapsed")):
             failed.append(run.name)
     return failed
 

@@ -17,6 +17,14 @@ class Diverged(Exception):
     STATUS = 3
 
 
+class Collapsed(Exception):
+    """Training finished but its embeddings collapsed (engine.pretraining: effective rank or negative cosine past the
+    measured thresholds): a result, recorded as ``status: collapsed`` in summary.json, whose encoder is kept for
+    inspection. run_cli prints ``error: <message>`` and exits with :attr:`STATUS`."""
+
+    STATUS = 4
+
+
 class Stopped(Exception):
     """A run stopped on request (a preemption signal) after saving what it needs to continue: not a failure, but
     the job did not finish. run_cli prints ``stopped: <message>`` and exits with ``status`` (128 + the signal)."""

@@ -1,7 +1,8 @@
 """How entrypoints end when they do not finish: one line on stderr and an exit status, no traceback.
 
 a question answered (Answered: --help, --print-config): the text on stdout, status 0;
-bad input (UserError) and OS errors: `error: ...`, status 2; divergence (Diverged): `error: ...`, status 3; a stop
+bad input (UserError) and OS errors: `error: ...`, status 2; divergence (Diverged): `error: ...`, status 3; a finished
+run whose embeddings collapsed (Collapsed): `error: ...`, status 4; a stop
 signal after a checkpoint (Stopped): `stopped: ...`, 128 + the signal. The exceptions live in core.errors, the bottom
 layer, and are re-exported here."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from core.errors import Answered, Diverged, Stopped, UserError  # raised everywhere, caught here
+from core.errors import Answered, Collapsed, Diverged, Stopped, UserError  # raised everywhere, caught here
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,6 +33,8 @@ def run_cli(main: Callable[[Sequence[str]], object], argv: Sequence[str] | None 
         _end("error: " + " ".join(part.strip() for part in str(err).splitlines() if part.strip()), 2)  # may wrap
     except Diverged as err:
         _end(f"error: {err}", Diverged.STATUS)
+    except Collapsed as err:
+        _end(f"error: {err}", Collapsed.STATUS)
     except Stopped as stopped:
         _end(f"stopped: {stopped}", stopped.status)
     except BrokenPipeError:  # output piped into `head` or the like, which stopped reading: end quietly

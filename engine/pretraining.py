@@ -291,7 +291,7 @@ def log_interval(run: RunRecords, interval: Interval, out: dict, model: SimCLR, 
     loss = check_finite(loss / interval.steps, step, run, weights_finite)
     seconds = time.perf_counter() - interval.tick
     stats = {f"train/{k}": v.item() for k, v in embedding_stats(out["z1"], out["z2"]).items()}
-    warn_if_collapsed(run, step, stats["train/z_std"])
+    warn_if_collapsed(run, step, stats["train/erank"], stats["train/neg_cos"])
     if run.cfg.eval.online_linear:  # on this rank's augmented views of the interval
         stats["online/train_top1"] = 100.0 * interval.online_correct.item() / interval.views
     record = run.metrics.log(step, step / run.steps_per_epoch, {
@@ -306,32 +306,44 @@ def log_interval(run: RunRecords, interval: Interval, out: dict, model: SimCLR, 
     return stop_agreed
 
 
-# Collapse: lightly's std of the l2-normalized embeddings, times sqrt(d) (train/z_std: 1 = spread over the sphere,
-# 0 = one point). Measured on 2-core CPU runs (ResNet-18 width 8, 2,000 CIFAR-10 images, batch 128, 4-6 epochs): at
-# initialization 0.27-0.35 with a head without batch norm (dkobak's), 0.77 with one; healthy runs above 0.76 after their
-# first epoch and 0.84-0.96 in their last; SGD at base lr 1e6 (weights 1e17+, finite loss, kNN below its value at
-# initialization) between 0.08 and 0.73, 0.32 on average over its last epoch. Judged after the first epoch
-# (initializations sit low) and, for summary.json, on the mean of the last epoch. Tiny synthetic runs (4-channel
-# ResNet, 16-64 dimensions, 2 epochs) land anywhere from 0.18 to 0.72, learning or not: the threshold is for real runs.
-COLLAPSE_Z_STD = 0.4
+# Collapse, judged on the effective rank of the unit projections' covariance (embedding_stats' erank: rotation
+# invariant; views on k points have at most k - 1, one point 0). Measured with bench/collapse.py and metrics.jsonl on
+# this 2-core CPU (docs/accuracy.md): healthy ResNet-18 width 8 runs of simclr_ablations_cpu end at erank 9.1-16.4
+# (13-28 at initialization); SGD at base lr 1e6 (weights exploding, finite loss, kNN 19.8 -> 9.9) logs erank 1.2-5.0,
+# 2.2 on average over its last epoch. Tiny synthetic CI runs: healthy 13-16, exploded 2.0-3.2. Threshold in between:
+# below 4 (or a quarter of the projection dimension, if smaller). Judged after the first epoch and, for summary.json,
+# on the mean of the last epoch. The mean negative cosine (train/neg_cos) is reported beside it but does not decide:
+# heads without batch norm sit at 0.87-0.94 early in healthy runs (dkobak's recipe), the exploded run at 0.70-0.94.
+# lightly's z_std (train/z_std) is still logged, but depends on the axes: two antipodal points give 0.8, a healthy
+# embedding along a few axes 0.25-0.64.
+COLLAPSE_ERANK = 4.0
 
 
-def warn_if_collapsed(run: RunRecords, step: int, z_std: float) -> None:
+def looks_collapsed(erank: float, dim: int) -> bool:
+    """The collapse rule above, for an embedding of ``dim`` dimensions."""
+    return erank < min(COLLAPSE_ERANK, dim / 4)
+
+
+def warn_if_collapsed(run: RunRecords, step: int, erank: float, neg_cos: float) -> None:
     """One stderr warning the first time the embeddings look collapsed after the first epoch."""
-    if step > run.steps_per_epoch and z_std < COLLAPSE_Z_STD and not run.collapse_warned and dist.is_main():
+    if (step > run.steps_per_epoch and looks_collapsed(erank, run.cfg.model.proj_dim)
+            and not run.collapse_warned and dist.is_main()):
         run.collapse_warned = True
-        print(f"warning: the embeddings look collapsed at step {step} (train/z_std {z_std:.3f} < {COLLAPSE_Z_STD}: "
-              "the views of all images point the same way); summary.json records whether it lasts to the end. "
-              "Often a learning rate that is too high", file=sys.stderr, flush=True)
+        print(f"warning: the embeddings look collapsed at step {step} (train/erank {erank:.2f}, train/neg_cos "
+              f"{neg_cos:.3f}: the views of all images lie on a few points); summary.json records whether it lasts "
+              "to the end. Often a learning rate that is too high", file=sys.stderr, flush=True)
 
 
-def collapse_summary(metrics: MetricsLog, epochs: int) -> dict:
-    """The last epoch's mean train/z_std and whether it marks a collapsed run, from metrics.jsonl (resumes too)."""
-    last = [r["train/z_std"] for r in metrics.records("train/z_std") if r["epoch"] > epochs - 1]
+def collapse_summary(metrics: MetricsLog, epochs: int, dim: int) -> dict:
+    """The last epoch's mean train/erank, train/neg_cos and train/z_std and whether they mark a collapsed run, from
+    metrics.jsonl (resumes too)."""
+    last = [r for r in metrics.records("train/erank") if r["epoch"] > epochs - 1 and "train/neg_cos" in r]
     if not last:
         return {}
-    mean = sum(last) / len(last)
-    return {"train/z_std": round(mean, 4), "collapsed": mean < COLLAPSE_Z_STD}
+    means = {key: sum(r[key] for r in last) / len(last) for key in ("train/erank", "train/neg_cos", "train/z_std")
+             if all(key in r for r in last)}
+    return {**{k: round(v, 4) for k, v in means.items()},
+            "collapsed": looks_collapsed(means["train/erank"], dim)}
 
 
 def stopped_message(stop: StopRequest, step: int, run: RunRecords) -> str:

@@ -109,7 +109,7 @@ def wandb_records(api: Any, path: str, group: str) -> List[RunRecord]:
 def _status(final: Dict[str, Any]) -> str:
     """finished | diverged | collapsed, from summary.json or results.json: a collapsed run counts for no cell."""
     status = final.get("status", "finished")
-    return "collapsed" if status == "finished" and final.get("collapsed") else status
+    return "collapsed" if status in ("finished", "collapsed") and final.get("collapsed") else status
 
 
 def describe(record: Optional[RunRecord]) -> str:
@@ -119,7 +119,10 @@ def describe(record: Optional[RunRecord]) -> str:
     if record.status == "diverged":
         return f"diverged at step {record.values.get('step', '?')}"
     if record.status == "collapsed":
-        return f"collapsed (train/z_std {record.values.get('train/z_std', '?')})"
+        values = record.values
+        if "train/erank" in values:
+            return f"collapsed (train/erank {values['train/erank']}, train/neg_cos {values.get('train/neg_cos', '?')})"
+        return f"collapsed (train/z_std {values.get('train/z_std', '?')})"
     if record.status == "unfinished":
         return f"unfinished ({record.progress})" if record.progress else "unfinished"
     return record.status

@@ -100,7 +100,9 @@ def weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("loss", [[], ["loss.name=supcon"], ["aug.local_crops=4", "aug.local_size=16"]],
+# SupCon at the default lr gathers these synthetic images' views near one point within 4 epochs (train/neg_cos 0.90,
+# kNN 41 -> 22: flagged collapsed, exit 4); at base lr 0.3 it ends unflagged, which this test needs.
+@pytest.mark.parametrize("loss", [[], ["loss.name=supcon", "optim.base_lr=0.3"], ["aug.local_crops=4", "aug.local_size=16"]],
                          ids=["ntxent", "supcon", "multi-crop"])
 def test_resume_after_kill_minus_9_is_bit_identical(tmp_path, loss):
     args = ["train.epochs=4", "train.log_every=1", "eval.knn_every=0", "run.ckpt_every=1", *loss]
@@ -168,18 +170,45 @@ def test_a_pretraining_ends_with_its_curves_and_an_embedding_map(tmp_path):
 
 
 def test_collapsed_embeddings_are_detected_warned_once_and_recorded(tmp_path):
-    """SGD at base lr 1e6: weights explode, the loss stays finite and every view points the same way; the run used
-    to end as a plain success. The healthy twin (base lr 0.1) is not flagged."""
+    """SGD at base lr 1e6: weights explode, the loss stays finite and the views gather on a few points; the run used
+    to end as a plain success. Now: one warning, status collapsed, exit status 4 after its records and encoder are
+    written. The healthy twin (base lr 0.1) is not flagged."""
     common = ["train.epochs=3", "eval.knn_every=0", "optim.name=sgd", "model.proj_dim=64"]
     exploded = run_entry("pretrain.py", *tiny_run_args(tmp_path, *common, "optim.base_lr=1e6", "run.name=flat"))
     healthy = run_entry("pretrain.py", *tiny_run_args(tmp_path, *common, "optim.base_lr=0.1", "run.name=fine"))
-    assert exploded.returncode == 0 and healthy.returncode == 0, exploded.stderr + healthy.stderr
+    assert exploded.returncode == 4 and healthy.returncode == 0, exploded.stderr + healthy.stderr
     assert exploded.stderr.count("warning: the embeddings look collapsed at step") == 1
+    assert exploded.stderr.strip().splitlines()[-1].startswith("error: the embeddings collapsed (over the last epoch")
     assert "collapsed" not in healthy.stderr
     flat, fine = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("flat", "fine"))
-    assert flat["collapsed"] is True and flat["train/z_std"] < 0.4 < fine["train/z_std"] and fine["collapsed"] is False
-    logged = [r["train/z_std"] for r in read_jsonl(tmp_path / "flat" / "metrics.jsonl") if "train/z_std" in r]
-    assert len(logged) == 9 and all(0 <= v <= 1 for v in logged)  # every train.log_every=2 steps and epoch end
+    assert flat["collapsed"] is True and flat["status"] == "collapsed" and (tmp_path / "flat" / "encoder.pt").is_file()
+    assert fine["collapsed"] is False and fine["status"] == "finished"
+    assert flat["train/erank"] < 4 < fine["train/erank"] and "train/neg_cos" in fine
+    logged = [r["train/erank"] for r in read_jsonl(tmp_path / "flat" / "metrics.jsonl") if "train/erank" in r]
+    assert len(logged) == 9 and all(0 <= v <= 64 for v in logged)  # every train.log_every=2 steps and epoch end
+
+
+def test_the_collapse_measure_is_rotation_invariant_and_sees_a_few_points():
+    """Two antipodal points (lightly's z_std: about 0.8, unflagged) and one point are collapsed; a healthy embedding
+    along a few axes (z_std 0.25-0.64) and a rotated copy of it are not, with the same effective rank."""
+    from engine.pretraining import looks_collapsed
+    from losses.diagnostics import embedding_stats
+
+    torch.manual_seed(0)
+    n, d = 256, 128
+    direction = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    antipodal = direction * (torch.arange(n) % 2 * 2 - 1.0)[:, None]
+    axes = torch.zeros(n, d)
+    axes[torch.arange(n), torch.randint(0, 12, (n,))] = torch.randint(0, 2, (n,)) * 2 - 1.0
+    axes2 = axes + 0.05 * torch.randn(n, d)
+    rotation = torch.linalg.qr(torch.randn(d, d))[0]
+    stats = {name: embedding_stats(z1, z2) for name, (z1, z2) in {
+        "antipodal": (antipodal, antipodal), "point": (direction.expand(n, d), direction.expand(n, d)),
+        "axes": (axes, axes2), "rotated": (axes @ rotation, axes2 @ rotation)}.items()}
+    verdict = {name: looks_collapsed(s["erank"].item(), d) for name, s in stats.items()}
+    assert verdict == {"antipodal": True, "point": True, "axes": False, "rotated": False}
+    assert stats["antipodal"]["z_std"] > 0.5 and stats["axes"]["z_std"] < 0.7  # what z_std alone got wrong
+    assert abs(stats["axes"]["erank"] - stats["rotated"]["erank"]) < 1e-6 * stats["axes"]["erank"]
 
 
 @pytest.mark.gpu
