@@ -5,8 +5,9 @@ checkpoint: a pretraining run (exports its encoder: features [N, D]) or an evalu
 calibrated on training images) | safetensors (weights + the metadata that rebuilds the module). Every export takes
 uint8 images [N, 3, S, S], RGB 0-255, and normalizes inside. After writing, the file is read back (torch.jit.load,
 onnxruntime, or rebuilt from safetensors) and its outputs on check_images test images (class-balanced, seeded, at the
-size the encoder was trained at, resized as the evaluation does) are compared with the eager model's: beyond `tolerance` (onnx_int8: a test top-1 drop beyond max_top1_drop, or an encoder's features below
-min_feature_cosine) nothing is written. <out>.json records the contract, the SHA-256 and the measured agreement;
+size the encoder was trained at, resized as the evaluation does) are compared with the eager model's: beyond
+`tolerance` (onnx_int8: a test top-1 drop beyond max_top1_drop, or an encoder's features below min_feature_cosine)
+nothing is written. <out>.json records the contract, the SHA-256 and the measured agreement;
 check_only=true checks an existing export again.
 """
 from __future__ import annotations
@@ -58,8 +59,8 @@ def main(argv: Sequence[str]) -> dict:
     meta = metadata(encoder_file, classes, cfg.format, image_size=images.shape[-1])
     calibration = calibration_labels = None
     if cfg.format == "onnx_int8":
-        calibration, calibration_labels = check_images(data.train_images, data.train_labels, cfg.calibration_images,
-                                      encoder_file.image_size)
+        calibration, calibration_labels = check_images(data.train_images, data.train_labels,
+                                                       cfg.calibration_images, encoder_file.image_size)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         write_export(model, cfg.format, tmp, images[:2], meta, calibration)

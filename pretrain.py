@@ -143,7 +143,8 @@ def pretrain(argv: Sequence[str], stop: StopRequest, held: contextlib.ExitStack)
         if cfg.eval.plots:
             save_pictures(run, model.encoder, splits, dtype)
         if run.wandb_run is not None:
-            finish_wandb(run.wandb_run, model.encoder, splits, dtype, run_dir, summary, step, cfg.train.epochs, cfg.seed)
+            finish_wandb(run.wandb_run, model.encoder, splits, dtype, run_dir, summary, step, cfg.train.epochs,
+                         cfg.seed)
         print(f"done: {run_dir} | " + " | ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
     dist.barrier()
     dist.shutdown()

@@ -26,7 +26,8 @@ from configs.load import config_keys
 from configs.schema import FinetuneConfig, PretrainConfig
 from core.errors import UserError
 from engine.cli import ArgumentParser, run_cli
-from tables.collect import RunRecord, describe, match, pretraining_pending, scan_run_dirs, wandb_records
+from tables.collect import (ENDED_AS_RESULT, RunRecord, describe, match, pretraining_pending, scan_run_dirs,
+                            wandb_records)
 from tables.plan import LAUNCHERS, Plan, PlannedRun, command, plan_table
 from tables.claims import check_claims, claim_text, verdicts_markdown
 from tables.render import build_cells, markdown, plot_png, write_csv
@@ -124,7 +125,7 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
     found = match(plan, scan_run_dirs(runs_dir))
     for run in plan.runs:
         record, pending = found[run.name], pretraining_pending(run, found)
-        if record is not None and record.status in ("finished", "diverged", "collapsed"):
+        if record is not None and record.status in ("finished", *ENDED_AS_RESULT):
             print(f"reproduce: {run.name}: {describe(record)} ({record.where}), skipped", flush=True)
             continue
         if pending:
@@ -134,8 +135,7 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
         print(f"reproduce: {run.name}: {'resuming' if record else 'starting'} in {where}", flush=True)
         result = subprocess.run(launch_argv(run, run_args, launcher, nproc_per_node))
         found = match(plan, scan_run_dirs(runs_dir))  # again: this run has just written its directory
-        if result.returncode != 0 and (found[run.name] is None or found[run.name].status not in ("diverged",
-                                                                                                   "collapsed")):
+        if result.returncode != 0 and (found[run.name] is None or found[run.name].status not in ENDED_AS_RESULT):
             failed.append(run.name)
     return failed
 

@@ -18,8 +18,8 @@ class Diverged(Exception):
 
 
 class Collapsed(Exception):
-    """Training finished but its embeddings collapsed (engine.pretraining: effective rank or negative cosine past the
-    measured thresholds): a result, recorded as ``status: collapsed`` in summary.json, whose encoder is kept for
+    """Training finished but its embeddings collapsed (engine.pretraining: an effective rank below the measured
+    threshold): a result, recorded as ``status: collapsed`` in summary.json, whose encoder is kept for
     inspection. run_cli prints ``error: <message>`` and exits with :attr:`STATUS`."""
 
     STATUS = 4

@@ -41,37 +41,30 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
 
 class StepStatistics:
     """Batch norm's running statistics (every buffer a forward may change) moved once for a step of several chunks:
-    ``begin()`` before each chunk's forward puts the step's starting values back; ``end()`` sets each buffer to its
-    start plus the mean of the chunks' changes (for counters, the one chunk's change), bit-identical to an ordinary
-    step for a single chunk and for buffers no forward touches."""
+    ``chunk_done()`` after each chunk's forward adds its change and puts the step's starting values back; ``end()``
+    sets each buffer to its start plus the mean of the chunks' changes (counters such as num_batches_tracked: every
+    chunk moved them alike, so the mean is one chunk's change, as one step's). A single chunk is left as it ran: an
+    ordinary step, bit for bit."""
 
     def __init__(self, module: nn.Module, chunks: int) -> None:
         self.chunks = chunks
-        self.buffers = [b for b in module.buffers()]
+        self.buffers = list(module.buffers()) if chunks > 1 else []
         self.start = [b.clone() for b in self.buffers]
-        self.change = [torch.zeros_like(b) if b.is_floating_point() else None for b in self.buffers]
-        self.started = False
+        self.change = [torch.zeros_like(b) for b in self.buffers]
 
     @torch.no_grad()
-    def begin(self) -> None:
-        if self.chunks == 1:
-            return
-        if self.started:
-            for buffer, start, change in zip(self.buffers, self.start, self.change):
-                if change is not None:
-                    change += buffer - start
-                buffer.copy_(start)
-        self.started = True
+    def chunk_done(self) -> None:
+        for buffer, start, change in zip(self.buffers, self.start, self.change):
+            change += buffer - start
+            buffer.copy_(start)
 
     @torch.no_grad()
     def end(self) -> None:
-        if self.chunks == 1:
-            return
         for buffer, start, change in zip(self.buffers, self.start, self.change):
-            if change is not None:
-                change += buffer - start
+            if buffer.is_floating_point():  # buffers no forward touched keep their exact values
                 buffer.copy_(torch.where(change == 0, start, start + change / self.chunks))
-            # integer counters (num_batches_tracked): every chunk moved them alike, as one step does; kept
+            else:
+                buffer.copy_(start + change // self.chunks)
 
 
 class RngReplay:
@@ -148,7 +141,6 @@ def forward_backward_in_chunks(model: nn.Module, simclr: nn.Module, view1: torch
     for i, start in enumerate(starts):
         rows = slice(start, start + micro_batch)
         rng.replay(start)
-        statistics.begin()
         v1, v2, small = chunk(start)
         with no_sync(model, last=i == len(starts) - 1):
             out = model(v1, v2, None if labels is None else labels[rows], project_only=True, local_views=small)
@@ -161,6 +153,7 @@ def forward_backward_in_chunks(model: nn.Module, simclr: nn.Module, view1: torch
                 chunk_grads.append(torch.ones_like(outputs[-1]))
                 correct += out["online_correct"]
             torch.autograd.backward(outputs, chunk_grads)
+        statistics.chunk_done()
     statistics.end()
     rng.set(after)  # the RNG continues as after one pass: the same stream whatever the chunk count
     result = {"loss": loss.detach(), "z1": z1.detach(), "z2": z2.detach()}

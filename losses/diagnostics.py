@@ -25,12 +25,13 @@ def embedding_stats(z1: torch.Tensor, z2: torch.Tensor) -> Dict[str, torch.Tenso
     u1, u2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
     n = u1.shape[0]
     pos = (u1 * u2).sum(dim=1)
-    total = torch.cat([u1, u2]).sum(dim=0).square().sum()  # sum of all (2n)^2 cosines, in O(n d)
+    views = torch.cat([u1, u2])
+    total = views.sum(dim=0).square().sum()  # sum of all (2n)^2 cosines, in O(n d)
     neg = (total - 2 * n - 2 * pos.sum()) / (4 * n * n - 4 * n)  # minus self-pairs and positive pairs
     sq_dists = torch.pdist(u1).square()
-    z_std = torch.cat([u1, u2]).std(dim=0).mean() * u1.shape[1] ** 0.5
     return {"pos_cos": pos.mean(), "neg_cos": neg, "align": (u1 - u2).square().sum(dim=1).mean(),
-            "uniform": sq_dists.mul(-2).exp().mean().log(), "z_std": z_std, "erank": effective_rank(torch.cat([u1, u2]))}
+            "uniform": sq_dists.mul(-2).exp().mean().log(), "z_std": views.std(dim=0).mean() * u1.shape[1] ** 0.5,
+            "erank": effective_rank(views)}
 
 
 def effective_rank(u: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from engine.checkpoint import CHECKPOINT_DIR, ENCODER_FILE
 from tables.plan import Plan, PlannedRun, comparable
 from tables.spec import PRETRAIN
 
-STATUS_ORDER = ("finished", "collapsed", "diverged", "unfinished")  # which of several matching runs speaks for a planned run
+STATUS_ORDER = ("finished", "collapsed", "diverged", "unfinished")
+ENDED_AS_RESULT = ("collapsed", "diverged")  # ended without a usable value, but not a failure: never rerun  # which of several matching runs speaks for a planned run
 
 
 @dataclass
