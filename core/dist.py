@@ -5,6 +5,7 @@ Without a torchrun environment (WORLD_SIZE unset or 1) every function is the sin
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import Optional
 
@@ -33,9 +34,25 @@ def init_from_env(device: torch.device, backend: str = "auto") -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     chosen = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if shared_store_restarts_can_hang(os.environ) and os.environ.get("RANK") == "0":
+        print("warning: torchrun shares its rendezvous store between nodes, so a restart after a failure can hang "
+              "(on the other nodes it is a membership change that keeps the old attempt's keys); launch with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as scripts/slurm.sbatch does", file=sys.stderr, flush=True)
     dist.init_process_group(backend=chosen, store=_attempt_store(), rank=int(os.environ["RANK"]),
                             world_size=int(os.environ["WORLD_SIZE"]), device_id=device if chosen == "nccl" else None)
     return device
+
+
+def shared_store_restarts_can_hang(env: dict) -> bool:
+    """True for a multi-node torchrun with restarts whose agents share one store (torch's default since 2.4).
+
+    A worker's failure is a restart attempt on its own node (TORCHELASTIC_RESTART_COUNT + 1) but a membership change
+    on the others, which restart their workers with the same count (torch 2.14, elastic/agent/server/api.py). Their
+    new workers then read the previous attempt's keys: the addresses of dead peers, and the job hangs. With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every rendezvous round gets a fresh store on a fresh port instead.
+    """
+    return (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("GROUP_WORLD_SIZE", "1")) > 1
+            and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0)
 
 
 def _attempt_store() -> Optional[dist.Store]:
@@ -43,7 +60,8 @@ def _attempt_store() -> Optional[dist.Store]:
 
     torchrun's agent keeps one store at the same MASTER_PORT across ``--max-restarts`` attempts and torch's env://
     set-up reuses its keys, so a restarted group reads the dead workers' addresses and cannot connect (seen with
-    gloo on torch 2.14). A prefix per attempt gives each restart a clean rendezvous.
+    gloo on torch 2.14). A prefix per attempt gives each restart a clean rendezvous on one node; across nodes the
+    attempt count can disagree (see shared_store_restarts_can_hang), hence the unshared store there.
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:

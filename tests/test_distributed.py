@@ -1,8 +1,11 @@
 """Distributed training, proven on CPU with gloo and 2 processes under torchrun: the gather, DDP with global batch
-norm, pretrain.py and finetune.py against one process, elastic restarts, the SLURM script, bad input."""
+norm, pretrain.py and finetune.py against one process, elastic restarts, two nodes on loopback with the SLURM
+script's launch line, bad input."""
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 import finetune as finetune_entry
+from core.dist import shared_store_restarts_can_hang
 from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry, tiny_run_args
 
 
@@ -101,34 +105,124 @@ def worker_pids(agent_pid):
     return found
 
 
-def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path):
-    args = ["train.epochs=5", "eval.knn_every=0", "train.log_every=3"]
-    reference = torchrun(str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "whole", *args))
+RESTART_ARGS = ("train.epochs=5", "eval.knn_every=0", "train.log_every=3")  # 30 steps, a checkpoint per epoch
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """The uninterrupted 2-process --standalone run that the restarted and two-node runs must equal: its last.pt."""
+    root = tmp_path_factory.mktemp("whole")
+    reference = torchrun(str(REPO / "pretrain.py"), *tiny_run_args(root, *RESTART_ARGS))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    cmd = torchrun_command("--max-restarts", "1", str(REPO / "pretrain.py"), *tiny_run_args(tmp_path / "killed", *args))
-    agent = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **TORCHRUN_ENV}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # its own process group: nothing outlives a failed test
-    checkpoint = tmp_path / "killed" / "tiny" / "checkpoints" / "last.pt"
-    try:
-        deadline = time.monotonic() + 240
-        while not checkpoint.exists() and time.monotonic() < deadline and agent.poll() is None:
-            time.sleep(0.02)
-        victim = worker_pids(agent.pid).get(1)
-        assert victim is not None, "rank 1 was not found running after the first checkpoint"
-        os.kill(victim, signal.SIGKILL)
-        stdout, stderr = agent.communicate(timeout=300)
-    finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
-    assert agent.returncode == 0, stderr[-3000:]
-    assert "resume: from epoch" in stdout  # the restarted workers continued from the checkpoint
-    whole = torch.load(tmp_path / "whole" / "tiny" / "checkpoints" / "last.pt", weights_only=False)
-    killed = torch.load(checkpoint, weights_only=False)
-    assert killed["step"] == whole["step"] == 30
+    return torch.load(root / "tiny" / "checkpoints" / "last.pt", weights_only=False)
+
+
+def assert_same_weights(whole, checkpoint):
+    run = torch.load(checkpoint, weights_only=False)
+    assert run["step"] == whole["step"] == 30
     for key, value in whole["model"].items():
-        assert torch.equal(value, killed["model"][key]), key
+        assert torch.equal(value, run["model"][key]), key
+
+
+def run_killing_a_worker(launchers, env, checkpoint, victim, timeout=300):
+    """Start the launcher commands (each in its own process group), SIGKILL the worker of global rank ``victim``
+    once the first checkpoint exists (None: kill nothing), wait; returns [(returncode, stdout, stderr)]."""
+    agents = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # nothing outlives a failed test
+              for cmd in launchers]
+    try:
+        if victim is not None:
+            deadline = time.monotonic() + 240
+            while not checkpoint.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+                time.sleep(0.02)
+            workers = {rank: pid for agent in agents for rank, pid in worker_pids(agent.pid).items()}
+            assert victim in workers, f"rank {victim} was not found running after the first checkpoint: {workers}"
+            os.kill(workers[victim], signal.SIGKILL)
+        outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+    return [(agent.returncode, out, err) for agent, (out, err) in zip(agents, outputs)]
+
+
+def test_elastic_restart_after_a_worker_is_killed_resumes_exactly(tmp_path, whole_run):
+    cmd = torchrun_command("--max-restarts", "1", str(REPO / "pretrain.py"),
+                           *tiny_run_args(tmp_path / "killed", *RESTART_ARGS))
+    checkpoint = tmp_path / "killed" / "tiny" / "checkpoints" / "last.pt"
+    [(returncode, stdout, stderr)] = run_killing_a_worker([cmd], {**os.environ, **TORCHRUN_ENV}, checkpoint, victim=1)
+    assert returncode == 0, stderr[-3000:]
+    assert "resume: from epoch" in stdout  # the restarted workers continued from the checkpoint
+    assert_same_weights(whole_run, checkpoint)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sbatch_launch(*args: str, **env: str) -> tuple[dict, list]:
+    """What scripts/slurm.sbatch would run on each node (its DRY_RUN line), as (environment, command after srun)."""
+    script_env = {**os.environ, "DRY_RUN": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
+                  "PYTHON": sys.executable, **env}
+    printed = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"), *args], env=script_env,
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    words = shlex.split(printed)
+    assert words[0] == "env"
+    srun = words.index("srun")
+    assigned = dict(word.split("=", 1) for word in words[1:srun])
+    launcher = words[srun + 1:]
+    while launcher[0].startswith("--"):  # srun's own options
+        launcher.pop(0)
+    return assigned, launcher
+
+
+def test_sbatch_launch_line_for_two_nodes():
+    assigned, launcher = sbatch_launch("--config", "configs/pretrain/cifar10_resnet50.yaml", "run.name=my run",
+                                       RDZV_HOST="node17", GPUS_PER_NODE="8")
+    assert assigned["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and assigned["WANDB_MODE"] == "offline"
+    assert launcher == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "8",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", "node17:29500", "--rdzv-id", "4242",
+                        "--max-restarts", "3", "pretrain.py", "--config", "configs/pretrain/cifar10_resnet50.yaml",
+                        "run.name=my run"]
+
+
+def two_node_launchers(run_dir):
+    """The SLURM script's launch line for 2 nodes of 1 worker each, on 127.0.0.1: (environment, [command] x 2)."""
+    assigned, launcher = sbatch_launch(*tiny_run_args(run_dir, *RESTART_ARGS), SCRIPT=str(REPO / "pretrain.py"),
+                                       RDZV_HOST="127.0.0.1", LOCAL_ADDR="127.0.0.1", RDZV_PORT=str(free_port()),
+                                       GPUS_PER_NODE="1", MAX_RESTARTS="1", OMP_NUM_THREADS="1",
+                                       WANDB_MODE="disabled")
+    assert "--local-addr" in launcher  # traffic stays on loopback
+    env = {**os.environ, **TORCHRUN_ENV, **assigned}
+    return env, [launcher, launcher]
+
+
+@pytest.mark.parametrize("victim", [None, 0], ids=["whole", "rank0_killed"])
+def test_two_nodes_on_loopback_equal_one_node_even_after_kill_9(tmp_path, whole_run, victim):
+    """Two torchrun launchers meeting by c10d rendezvous, as on two SLURM nodes, end bit-identical to a
+    2-process --standalone run; with rank 0 (the node hosting the store) killed by SIGKILL after the first
+    checkpoint, both nodes restart their workers (--max-restarts 1), resume and still end bit-identical."""
+    env, launchers = two_node_launchers(tmp_path)
+    checkpoint = tmp_path / "tiny" / "checkpoints" / "last.pt"
+    results = run_killing_a_worker(launchers, env, checkpoint, victim)
+    assert [code for code, _, _ in results] == [0, 0], "\n".join(err[-2000:] for _, _, err in results)
+    stdout = "".join(out for _, out, _ in results)
+    assert stdout.count("2 process(es)") == (1 if victim is None else 2)  # rank 0 reports once per attempt
+    assert ("resume: from epoch" in stdout) == (victim is not None)
+    assert not any("warning: torchrun shares" in err for _, _, err in results)  # the script's store is unshared
+    assert_same_weights(whole_run, checkpoint)
+
+
+def test_shared_store_warning_names_the_multi_node_restart_case():
+    base = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "1"}
+    assert shared_store_restarts_can_hang(base)
+    assert not shared_store_restarts_can_hang({**base, "TORCHELASTIC_USE_AGENT_STORE": "False"})  # unshared
+    assert not shared_store_restarts_can_hang({**base, "GROUP_WORLD_SIZE": "1"})  # one node: attempts agree
+    assert not shared_store_restarts_can_hang({**base, "TORCHELASTIC_MAX_RESTARTS": "0"})  # nothing restarts
+    assert not shared_store_restarts_can_hang({})  # plain python
 
 
 def test_finetune_under_torchrun(tmp_path, pretrained_run):

@@ -136,3 +136,17 @@ def test_a_job_signalled_twice_requeues_resumes_and_ends_as_if_never_stopped(slu
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
     steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == 18
+
+
+def test_sbatch_on_two_nodes_launches_torchrun_on_the_first_node_s_endpoint(slurm):
+    """With --nodes 2 the script gives every node the launch line that tests/test_distributed.py runs twice on
+    loopback; the first node's name comes from the real `scontrol show hostnames`."""
+    env = {**slurm.env, "DRY_RUN": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_JOB_ID": "977", "GPUS_PER_NODE": "4", "PYTHON": sys.executable}
+    words = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"), "train.epochs=3"], env=env,
+                           capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in words[:words.index("srun")]
+    assert words[words.index("srun"):] == [
+        "srun", "--kill-on-bad-exit=1", sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+        "--nproc-per-node", "4", "--rdzv-backend", "c10d", "--rdzv-endpoint", "gpu07:29500", "--rdzv-id", "977",
+        "--max-restarts", "3", "pretrain.py", "train.epochs=3"]
