@@ -15,11 +15,11 @@ from configs.schema import ExplainConfig
 from core.device import resolve_device
 from core.errors import UserError
 from data import load_source
-from engine.checkpoint import read_classifier
-from engine.cli import run_cli
-from engine.explain import explain_test_images, method_for
-from engine.export import build_deployable
-from engine.tracking import decide_wandb_mode, keep_wandb_out, start_wandb
+from rundir.checkpoint import read_classifier
+from rundir.cli import run_cli
+from deploy.explain import explain_test_images, method_for
+from deploy.export import build_deployable
+from rundir.tracking import decide_wandb_mode, keep_wandb_out, start_wandb
 
 
 def main(argv: Sequence[str]) -> dict:

@@ -24,9 +24,9 @@ from configs.schema import ExportConfig
 from core.errors import UserError
 from core.files import write_json
 from data import balanced_subset, load_source, resize_images
-from engine.checkpoint import read_trained, sha256_of
-from engine.cli import run_cli
-from engine.export import (build_deployable, check_requirements, int8_agreement, load_export, max_relative_error,
+from rundir.checkpoint import read_trained, sha256_of
+from rundir.cli import run_cli
+from deploy.export import (build_deployable, check_requirements, int8_agreement, load_export, max_relative_error,
                            metadata, read_metadata, write_export)
 
 

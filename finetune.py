@@ -18,19 +18,19 @@ from configs.load import load_config, to_dict, to_yaml
 from configs.schema import FinetuneConfig
 from core import dist
 from core.files import atomic_save, write_text_atomic
-from engine.checkpoint import CLASSIFIER_FILE, EncoderFile, classifier_state, last_checkpoint, sha256_of
+from rundir.checkpoint import CLASSIFIER_FILE, EncoderFile, classifier_state, last_checkpoint, sha256_of
 from core.errors import UserError
-from engine.cli import run_cli
+from rundir.cli import run_cli
 from core.device import resolve_device, resolve_precision
-from engine.eval_inputs import (check_config, encoder_arch, features_from, find_resume_state, load_encoder,
+from evaluation.inputs import (check_config, encoder_arch, features_from, find_resume_state, load_encoder,
                                 load_labeled_splits, read_source, say)
-from engine.evaluate import EvalOutcome, LabeledSplits, knn_evaluation, linear_evaluation, results_record
-from engine.explain import explain_test_images, method_for
-from engine.export import Deployable
-from engine.finetuning import FinetuneState, finetune_evaluation
-from engine.preemption import StopRequest
-from engine.runlock import hold_run_dir
-from engine.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
+from evaluation.evaluate import EvalOutcome, LabeledSplits, knn_evaluation, linear_evaluation, results_record
+from deploy.explain import explain_test_images, method_for
+from deploy.export import Deployable
+from evaluation.finetuning import FinetuneState, finetune_evaluation
+from rundir.preemption import StopRequest
+from rundir.lock import hold_run_dir
+from rundir.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
                              write_results)
 
 MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}

@@ -22,18 +22,18 @@ from core.device import resolve_device, resolve_precision
 from core.errors import Collapsed, Stopped, UserError
 from core.files import write_json
 from data import EpochSampler, seeded_generator
-from engine.checkpoint import ENCODER_FILE, sha256_of
-from engine.cli import run_cli
-from engine.preemption import StopRequest
-from engine.pretraining import (Interval, StepContext, build_augment, build_model, build_optimizer, check_config,
+from rundir.checkpoint import ENCODER_FILE, sha256_of
+from rundir.cli import run_cli
+from rundir.preemption import StopRequest
+from training.pretraining import (Interval, StepContext, build_augment, build_model, build_optimizer, check_config,
                                 collapse_summary, final_knn, finish_wandb, linear_probe_at_end, load_splits,
                                 log_evaluation, log_interval, log_view_pairs, monitor_metrics,
                                 online_classifier_results, open_records, progress, save_pictures, stopped_message,
                                 train_step)
-from engine.resume import (encoder_record, find_resume_state, restore, resumed_config, save_checkpoint,
+from training.resume import (encoder_record, find_resume_state, restore, resumed_config, save_checkpoint,
                            save_encoder, schedule_segments)
-from engine.runlock import hold_run_dir
-from engine.tracking import decide_wandb_mode, git_sha, keep_wandb_out
+from rundir.lock import hold_run_dir
+from rundir.tracking import decide_wandb_mode, git_sha, keep_wandb_out
 
 
 def main(argv: Sequence[str]) -> dict:

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from configs.load import config_keys
 from configs.schema import FinetuneConfig, PretrainConfig
 from core.errors import UserError
-from engine.cli import ArgumentParser, run_cli
+from rundir.cli import ArgumentParser, run_cli
 from tables.collect import (ENDED_AS_RESULT, RunRecord, describe, match, pretraining_pending, scan_run_dirs,
                             wandb_records)
 from tables.plan import LAUNCHERS, Plan, PlannedRun, command, plan_table
@@ -163,7 +163,7 @@ def launch_argv(run: PlannedRun, args: List[str], launcher: str, nproc_per_node:
 def collect(plan: Plan, args) -> List[RunRecord]:
     if not args.wandb:
         return scan_run_dirs(Path(args.runs_dir))
-    from engine.tracking import has_wandb_credentials
+    from rundir.tracking import has_wandb_credentials
 
     if not has_wandb_credentials():
         raise UserError("--wandb needs a W&B login (`wandb login` or WANDB_API_KEY) and network access")

@@ -23,8 +23,8 @@ from bench.jsonl import emit  # noqa: E402
 from configs.load import from_dict  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
 from data import seeded_generator  # noqa: E402
-from engine.checkpoint import last_checkpoint, load_file, load_strict  # noqa: E402
-from engine.pretraining import build_augment, build_model, load_splits  # noqa: E402
+from rundir.checkpoint import last_checkpoint, load_file, load_strict  # noqa: E402
+from training.pretraining import build_augment, build_model, load_splits  # noqa: E402
 from losses.diagnostics import embedding_stats  # noqa: E402
 
 

@@ -49,9 +49,9 @@ from bench.jsonl import emit  # noqa: E402
 from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
 from data import load_source, split_train_val  # noqa: E402
-from engine.checkpoint import read_encoder  # noqa: E402
-from engine.knn import extract_features, knn_top1  # noqa: E402
-from engine.optim import create_optimizer, lr_at, set_lr  # noqa: E402
+from rundir.checkpoint import read_encoder  # noqa: E402
+from evaluation.knn import extract_features, knn_top1  # noqa: E402
+from optim.optimizers import create_optimizer, lr_at, set_lr  # noqa: E402
 from losses import nt_xent  # noqa: E402
 from models import create_encoder, projection_head  # noqa: E402
 
@@ -209,7 +209,7 @@ def classic_loader(cfg: PretrainConfig, images: torch.Tensor, args: argparse.Nam
 
 def classic_optimizer(cfg: PretrainConfig, model: nn.Module, steps_per_epoch: int, swap: list[str]):
     """(optimizer, advance): ``advance(step)`` sets the lr for that step. Classic: torch SGD over one or two groups
-    and a cosine LambdaLR; ``--swap optimizer``: ours (engine.optim) with lr_at."""
+    and a cosine LambdaLR; ``--swap optimizer``: ours (optim.optimizers) with lr_at."""
     if cfg.optim.name != "sgd":
         raise SystemExit("error: the classic pipeline implements SGD recipes only")
     peak = cfg.optim.base_lr * cfg.train.batch_size / 256

@@ -4,7 +4,7 @@
     python bench/probe.py --device cuda --dims 512 2048
 
 Both fit the same grid with the same recipe (100 epochs, batch 1024, SGD + Nesterov, cosine): ours trains the
-whole grid as one batched weight [G, d, C] (engine.probe.train_probes) and then refits one classifier, as
+whole grid as one batched weight [G, d, C] (evaluation.probe.train_probes) and then refits one classifier, as
 finetune.py does; the baseline trains one nn.Linear per weight decay with torch.optim.SGD(weight_decay=...), the
 usual loop, and no refit. JSON lines {"what", "shape", "device",
 "figure", "unit"}: seconds of each, then the ratio baseline / ours.
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.optim import lr_at, set_lr  # noqa: E402
-from engine.probe import feature_stats, train_probes  # noqa: E402
+from optim.optimizers import lr_at, set_lr  # noqa: E402
+from evaluation.probe import feature_stats, train_probes  # noqa: E402
 
 GRID = [0.0, 1e-5, 1e-4, 1e-3, 1e-2]
 

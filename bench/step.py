@@ -5,7 +5,7 @@
     python bench/step.py --archs resnet18 --batches 512 --precisions bf16 --compile on
     python bench/step.py --device cpu --quick          # small CPU run: narrow ResNet-18, batch 32, a few steps
 
-"Ours" is ``engine.pretraining.train_step``, what pretrain.py runs (uint8 images resident on the device -> batched
+"Ours" is ``training.pretraining.train_step``, what pretrain.py runs (uint8 images resident on the device -> batched
 augmentation -> encoder + head + NT-Xent -> backward -> optimizer), with the model, optimizer and compilation built
 as pretrain.py builds them. Stages are timed on their own: augmentation, forward + backward, the loss alone (forward + backward on the
 embeddings), the optimizer step. The baseline is the common public pipeline: torchvision per-image PIL transforms
@@ -47,9 +47,9 @@ from bench import peers  # noqa: E402
 from bench.augment import pil_pipeline  # noqa: E402
 from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
-from engine.optim import create_optimizer  # noqa: E402
+from optim.optimizers import create_optimizer  # noqa: E402
 from losses import nt_xent  # noqa: E402
-from engine.pretraining import StepContext, build_model, forward_backward, train_step  # noqa: E402
+from training.pretraining import StepContext, build_model, forward_backward, train_step  # noqa: E402
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense tensor-core peaks, TFLOP/s, from NVIDIA's data sheets (no sparsity); fp32 = TF32 (cuDNN's default for

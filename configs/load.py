@@ -1,6 +1,6 @@
 """Build the typed config: schema defaults <- YAML file (--config) <- key=value overrides, then validate.
 
-Every failure here is a :class:`engine.cli.UserError` naming the key, the bad value and, for misspelt keys,
+Every failure here is a :class:`rundir.cli.UserError` naming the key, the bad value and, for misspelt keys,
 the closest valid key.
 """
 from __future__ import annotations

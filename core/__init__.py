@@ -2,5 +2,5 @@
 
 errors (UserError, Stopped), dist (the only importer of torch.distributed), device (device and precision from
 config values), files (atomic writes). augment/, data/, losses/, models/ and configs/ import from here and never
-from engine/ or tables/ (tests/test_layers.py keeps it so).
+from the layers above (tests/test_layers.py keeps it so).
 """

@@ -1,11 +1,11 @@
-"""The exceptions every layer may raise and only the entrypoints turn into output (engine.cli.run_cli)."""
+"""The exceptions every layer may raise and only the entrypoints turn into output (rundir.cli.run_cli)."""
 from __future__ import annotations
 
 
 class UserError(Exception):
     """Bad input from the person running the command (config, data, checkpoint, hardware request).
 
-    Raised anywhere; turned into a single `error: ...` line by :func:`engine.cli.run_cli`. Programming errors keep
+    Raised anywhere; turned into a single `error: ...` line by :func:`rundir.cli.run_cli`. Programming errors keep
     their tracebacks.
     """
 
@@ -18,7 +18,7 @@ class Diverged(Exception):
 
 
 class Collapsed(Exception):
-    """Training finished but its embeddings collapsed (engine.pretraining: an effective rank below the measured
+    """Training finished but its embeddings collapsed (training.pretraining: an effective rank below the measured
     threshold): a result, recorded as ``status: collapsed`` in summary.json, whose encoder is kept for
     inspection. run_cli prints ``error: <message>`` and exits with :attr:`STATUS`."""
 

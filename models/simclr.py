@@ -52,7 +52,7 @@ class SimCLR(nn.Module):
         h, w], crop k of every image in turn -> {"loss": scalar, "z1", "z2": detached embeddings [B, proj_dim]} plus
         "z_local" [K B, proj_dim] with small views, and with the online classifier and labels "online_loss"
         (cross-entropy over both global views, to be added to the loss) and "online_correct" (count).
-        ``project_only``: no loss, and the embeddings keep their graph (the micro-batched step, engine/micro_batch.py,
+        ``project_only``: no loss, and the embeddings keep their graph (the micro-batched step, training/micro_batch.py,
         computes the loss over all chunks' projections itself with :meth:`loss`).
         """
         with autocast(view1.device, self.compute_dtype):

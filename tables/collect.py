@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import yaml
 
 from configs.schema import FinetuneConfig, PretrainConfig
-from engine.checkpoint import CHECKPOINT_DIR, ENCODER_FILE
+from rundir.checkpoint import CHECKPOINT_DIR, ENCODER_FILE
 from tables.plan import Plan, PlannedRun, comparable
 from tables.spec import PRETRAIN
 

@@ -72,7 +72,7 @@ def assert_user_error_here(capsys, main, argv: list[str], fragment: str) -> list
     """The bad-input contract in this process: ``run_cli(main, argv)``, as ``python <entrypoint>`` runs it, exits
     with status 2 and one `error:` line naming the problem (no interpreter start-up per case). Returns the stderr
     lines."""
-    from engine.cli import run_cli
+    from rundir.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(main, argv)
@@ -85,7 +85,7 @@ def assert_user_error_here(capsys, main, argv: list[str], fragment: str) -> list
 @pytest.fixture(autouse=True)
 def wandb_importable_after_each_test():
     """An entrypoint run in this process with wandb.mode=disabled blocks ``import wandb`` for the rest of the process
-    (engine.tracking.keep_wandb_out, a per-process contract); the next test starts without that block."""
+    (rundir.tracking.keep_wandb_out, a per-process contract); the next test starts without that block."""
     yield
     if "wandb" in sys.modules and sys.modules["wandb"] is None:
         del sys.modules["wandb"]

@@ -20,7 +20,7 @@ import torch
 
 from augment import SimCLRAugment
 from core import dist
-from engine.optim import create_optimizer
+from optim.optimizers import create_optimizer
 from losses import contrastive, nt_xent
 from models import SimCLR, create_encoder, projection_head
 from models.global_bn import convert_to_global_bn
@@ -108,7 +108,7 @@ def ddp_checks(rank: int, world: int, device: torch.device, results: dict) -> No
 
 
 def micro_batch_checks(rank: int, world: int, device: torch.device, results: dict) -> None:
-    from engine.micro_batch import forward_backward_in_chunks
+    from training.micro_batch import forward_backward_in_chunks
 
     torch.manual_seed(0)
     encoder = create_encoder("vit_tiny")

@@ -6,7 +6,7 @@ import torch
 
 from core.errors import UserError
 from core.files import atomic_save, atomic_write
-from engine.checkpoint import last_checkpoint, load_file, load_strict, read_encoder
+from rundir.checkpoint import last_checkpoint, load_file, load_strict, read_encoder
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):

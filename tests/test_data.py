@@ -162,7 +162,7 @@ def test_balanced_subsets_see_every_class_of_a_split_listed_class_by_class():
     """An image folder's split lists its images class by class: the first 1,000 of 5,000 validation images are two
     classes. The embedding map's images (and an export's check images) are a seeded, class-balanced subset."""
     from data import balanced_subset
-    from engine.pretraining import embedding_images
+    from training.pretraining import embedding_images
 
     labels = torch.arange(10).repeat_interleave(500)  # [5000], sorted by class
     shown = embedding_images(labels, seed=3)

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-PATH = re.compile(r"(?<![\w./<-])((?:configs|scripts|bench|tests|docs|engine|models|losses|augment|core|tables)"
+PATH = re.compile(r"(?<![\w./<-])((?:configs|scripts|bench|tests|docs|rundir|optim|evaluation|training|deploy|models|losses|augment|core|tables)"
                   r"/[\w./-]*[\w/]|(?:pretrain|finetune|reproduce|export|explain)\.py)(?![\w<*{])")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 

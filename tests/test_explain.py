@@ -12,9 +12,9 @@ import explain as explain_entry
 import finetune as finetune_entry
 from tests.conftest import assert_user_error, assert_user_error_here, run_entry
 from core.errors import UserError
-from engine.explain import attention_weights, cls_attention, fixed_images, grad_cam
-from engine.export import Deployable
-from engine.finetuning import Classifier
+from deploy.explain import attention_weights, cls_attention, fixed_images, grad_cam
+from deploy.export import Deployable
+from evaluation.finetuning import Classifier
 from models import create_encoder
 
 

@@ -10,8 +10,8 @@ import torch
 
 import export as export_entry
 from tests.conftest import assert_user_error, assert_user_error_here, run_entry
-from engine.checkpoint import EncoderFile, read_classifier, read_trained
-from engine.export import build_deployable, load_export, max_relative_error, metadata, read_metadata, write_export
+from rundir.checkpoint import EncoderFile, read_classifier, read_trained
+from deploy.export import build_deployable, load_export, max_relative_error, metadata, read_metadata, write_export
 from models import create_encoder
 
 TOLERANCE = 1e-4

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune as finetune_entry
-from engine.checkpoint import sha256_of
+from rundir.checkpoint import sha256_of
 from tests.conftest import assert_user_error, assert_user_error_here, read_jsonl, run_entry, tiny_run_args
 
 RESULT_KEYS = {"test/top1", "test/top5", "val/top1", "test/per_class", "test/confusion", "data/train_images", "mode",
@@ -177,7 +177,7 @@ def test_evaluations_feed_the_encoder_its_pretraining_normalization(tmp_path, pr
     record only a name (none: pixels in [0, 1], imagenet) mean those constants; files from before the key existed
     mean CIFAR-10 statistics."""
     from augment import CIFAR10_MEAN, CIFAR10_STD, NORMALIZATIONS
-    from engine.checkpoint import read_encoder
+    from rundir.checkpoint import read_encoder
 
     state = torch.load(pretrained / "encoder.pt", weights_only=False)
     assert state["normalize"] == "auto" and read_encoder(str(pretrained)).statistics() == (
@@ -198,8 +198,8 @@ def test_head_layer_features(tmp_path, pretrained, capsys):
     """eval.features=headK: kNN and the probe read the output of the head's K-th layer, and results.json says so;
     layers beyond the head, fine-tuning, a random encoder and files without a head are refused before anything is
     written."""
-    from engine.checkpoint import read_encoder
-    from engine.eval_inputs import features_from
+    from rundir.checkpoint import read_encoder
+    from evaluation.inputs import features_from
     from models.heads import head_prefix
 
     record = finetune_here(tmp_path, f"checkpoint={pretrained}", "eval.mode=knn", "eval.features=head1")

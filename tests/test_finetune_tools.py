@@ -10,9 +10,9 @@ from torch import nn
 
 import finetune as finetune_entry
 from core.errors import UserError
-from engine.finetune_tools import BatchMixer, classification_loss, weight_average
-from engine.finetuning import Classifier, finetune_step
-from engine.optim import create_optimizer, set_lr
+from evaluation.finetune_tools import BatchMixer, classification_loss, weight_average
+from evaluation.finetuning import Classifier, finetune_step
+from optim.optimizers import create_optimizer, set_lr
 
 CLASSES = 10
 

@@ -62,7 +62,7 @@ def test_help_for_one_section(capsys):
 
 def test_print_config_resolves_file_and_overrides_and_runs_nothing(tmp_path, capsys, monkeypatch):
     import pretrain as pretrain_entry
-    from engine.cli import run_cli
+    from rundir.cli import run_cli
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  epochs: 7\n")

@@ -1,6 +1,6 @@
 import torch
 
-from engine.knn import extract_features, knn_predict, knn_top1
+from evaluation.knn import extract_features, knn_predict, knn_top1
 from models import create_encoder
 
 

@@ -1,4 +1,5 @@
-"""Layers only import downward: the packages below the training-and-evaluation layer never import it."""
+"""Layers only import downward (core, then augment/losses/data/configs, models, rundir and optim, evaluation, training
+and deploy, tables; entrypoints on top), no two files import each other in a cycle, and every package is small."""
 import ast
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import pytest
 
 from tests.conftest import REPO
 
-# What each low package may import from this project (besides itself); everything else is above it.
+# What each package may import from this project (besides itself), bottom to top; entrypoints, bench/ and tests/ sit
+# above them all.
+LOW = {"core", "augment", "losses", "data", "configs", "models"}
 ALLOWED = {
     "core": set(),
     "augment": {"core"},
@@ -14,9 +17,14 @@ ALLOWED = {
     "data": {"core"},
     "configs": {"core"},
     "models": {"core", "losses"},
+    "rundir": LOW,
+    "optim": LOW,
+    "evaluation": LOW | {"rundir", "optim"},
+    "training": LOW | {"rundir", "optim", "evaluation"},
+    "deploy": LOW | {"rundir", "optim", "evaluation"},
+    "tables": LOW | {"rundir"},
 }
-PROJECT = {"core", "augment", "losses", "data", "configs", "models", "engine", "tables", "bench", "tests", "pretrain",
-           "finetune", "reproduce", "export", "explain"}
+PROJECT = set(ALLOWED) | {"engine", "bench", "tests", "pretrain", "finetune", "reproduce", "export", "explain"}
 
 
 def project_imports(path: Path) -> set[str]:
@@ -39,36 +47,52 @@ def violations(root: Path = REPO) -> list[str]:
     return bad
 
 
-def test_low_packages_import_only_below_themselves():
+def test_packages_import_only_below_themselves():
     assert violations() == []
 
 
+def test_every_package_is_small_says_its_job_and_engine_is_gone():
+    """No catch-all room: at most 10 modules a package, each package's docstring one line; no engine/ left."""
+    assert not (REPO / "engine").exists()
+    for package in ALLOWED:
+        modules = [p for p in (REPO / package).glob("*.py") if p.name != "__init__.py"]
+        assert 0 < len(modules) <= 10, (package, len(modules))
+        doc = ast.get_docstring(ast.parse((REPO / package / "__init__.py").read_text())) or ""
+        assert doc.split("\n")[0].endswith("."), f"{package}/__init__.py: no one-line summary of its job"
+    sources = [*REPO.glob("*.py"), *(path for top in (*ALLOWED, "bench", "tests") for path in (REPO / top).rglob("*.py"))]
+    importers = [str(path.relative_to(REPO)) for path in sources if "engine" in project_imports(path)]
+    assert importers == []
+
+
 def test_the_check_sees_an_upward_import(tmp_path):
-    """The test above would fail: a copy of the tree where data/ imports engine/ is caught, at module or function
+    """The test above would fail: a copy of the tree where data/ imports evaluation/ is caught, at module or function
     level."""
     for package in ALLOWED:
         (tmp_path / package).mkdir()
-    (tmp_path / "data" / "up.py").write_text("import torch\nfrom engine.knn import knn_top1\n")
+    (tmp_path / "data" / "up.py").write_text("import torch\nfrom evaluation.knn import knn_top1\n")
     (tmp_path / "models" / "late.py").write_text("def f():\n    import tables.plan\n")
     (tmp_path / "models" / "fine.py").write_text("from losses import nt_xent\nfrom core import dist\n")
-    assert violations(tmp_path) == ["data/up.py imports engine", "models/late.py imports tables"]
+    (tmp_path / "evaluation" / "up.py").write_text("from training.pretraining import train_step\n")
+    (tmp_path / "training" / "fine.py").write_text("from evaluation.knn import knn_top1\n")
+    assert violations(tmp_path) == ["data/up.py imports evaluation", "models/late.py imports tables",
+                                    "evaluation/up.py imports training"]
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
-def test_low_packages_import_on_their_own(package):
-    """Importing a low package loads nothing from the layers above it (a fresh interpreter)."""
+def test_packages_import_on_their_own(package):
+    """Importing a package loads nothing from the layers above it (a fresh interpreter)."""
     import subprocess
     import sys
 
     code = (f"import sys, {package}\n"
             "above = sorted(m for m in sys.modules\n"
-            "               if m.split('.')[0] in ('engine', 'tables', 'pretrain', 'finetune'))\n"
+            f"               if m.split('.')[0] in {sorted(PROJECT - ALLOWED[package] - {package})})\n"
             "print(above)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
-PACKAGES = ("core", "augment", "losses", "data", "configs", "models", "engine", "tables")
+PACKAGES = tuple(ALLOWED)
 
 
 def module_files(root: Path = REPO) -> dict[str, Path]:

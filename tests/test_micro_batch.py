@@ -1,4 +1,4 @@
-"""Micro-batches with cached projection gradients (engine/micro_batch.py, train.micro_batch): exact where no layer
+"""Micro-batches with cached projection gradients (training/micro_batch.py, train.micro_batch): exact where no layer
 mixes samples, per-chunk batch norm otherwise, RNG replayed between the two passes, through the real command line."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.micro_batch import forward_backward_in_chunks
+from training.micro_batch import forward_backward_in_chunks
 from losses import nt_xent
 from models import SimCLR, create_encoder, projection_head
 from tests.conftest import assert_user_error, read_jsonl, run_entry, tiny_run_args

@@ -138,7 +138,7 @@ def test_compiled_step_keeps_gradients_and_running_statistics(forward_views):
     import copy
 
     from configs.load import load_config
-    from engine.pretraining import StepContext, build_model, forward_backward
+    from training.pretraining import StepContext, build_model, forward_backward
 
     torch.manual_seed(0)
     cfg = load_config(["model.width=4", "device=cpu", f"model.forward_views={forward_views}"])
@@ -187,7 +187,7 @@ def test_bf16_model_keeps_an_fp32_loss_backward_when_compiled(impl):
 def test_every_configurable_name_has_an_implementation():
     """core.names is the one list the config accepts; each name must build (archs), run (loss) or exist (optimizers)."""
     from core.names import ARCHS, LOSS_IMPLS, OPTIMIZERS
-    from engine.optim import create_optimizer
+    from optim.optimizers import create_optimizer
     from models.resnet import LAYOUTS
     from models.vit import SIZES
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from timm.optim import Lars as TimmLars
 
-from engine.lars import Lars
-from engine.optim import create_optimizer, effective_lr, lr_at, param_groups, restarted_lr_at, set_lr
+from optim.lars import Lars
+from optim.optimizers import create_optimizer, effective_lr, lr_at, param_groups, restarted_lr_at, set_lr
 from models import create_encoder, projection_head
 
 
@@ -100,7 +100,7 @@ def test_decay_norm_bias_decays_every_parameter_in_one_group():
 
 
 def test_own_group_takes_its_prefix_and_set_lr_scales_it():
-    from engine.optim import set_lr
+    from optim.optimizers import set_lr
 
     model = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "classifier": torch.nn.Linear(4, 2)})
     opt = create_optimizer("sgd", model, lr=1.0, weight_decay=1e-4,
@@ -118,7 +118,7 @@ def test_online_classifier_under_lars_steps_as_solo_learn():
     passes the online classifier through its LARS with weight decay 0: the weight's step is lr x min(eta |w| / (|g| lr),
     1) x g, the bias a plain SGD step at the classifier's lr. Written out here from their code, one step."""
     from configs.load import load_config
-    from engine.pretraining import build_model, build_optimizer
+    from training.pretraining import build_model, build_optimizer
 
     cfg = load_config(["model.width=4", "eval.online_linear=true", "eval.online_lr=0.1", "optim.base_lr=0.4",
                        "optim.lars_trust_coeff=0.02", "optim.lars_trust_clip=true", "train.batch_size=256",

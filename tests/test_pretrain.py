@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pretrain as pretrain_entry
-from engine.checkpoint import sha256_of
+from rundir.checkpoint import sha256_of
 from tests.conftest import REPO, assert_user_error, assert_user_error_here, read_jsonl, run_entry, tiny_run_args
 
 
@@ -191,7 +191,7 @@ def test_collapsed_embeddings_are_detected_warned_once_and_recorded(tmp_path):
 def test_the_collapse_measure_is_rotation_invariant_and_sees_a_few_points():
     """Two antipodal points (lightly's z_std: about 0.8, unflagged) and one point are collapsed; a healthy embedding
     along a few axes (z_std 0.25-0.64) and a rotated copy of it are not, with the same effective rank."""
-    from engine.pretraining import looks_collapsed
+    from training.pretraining import looks_collapsed
     from losses.diagnostics import embedding_stats
 
     torch.manual_seed(0)
@@ -214,12 +214,12 @@ def test_the_collapse_measure_is_rotation_invariant_and_sees_a_few_points():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_step_never_waits_for_the_gpu():
-    """No host sync inside engine.pretraining.train_step (augmentation, forward, backward, LARS): CUDA's sync debug mode
+    """No host sync inside training.pretraining.train_step (augmentation, forward, backward, LARS): CUDA's sync debug mode
     raises on any synchronizing call (.item(), a pageable host-to-device copy, nonzero, ...)."""
     from augment import SimCLRAugment
     from configs.load import load_config
-    from engine.optim import create_optimizer
-    from engine.pretraining import StepContext, build_model, train_step
+    from optim.optimizers import create_optimizer
+    from training.pretraining import StepContext, build_model, train_step
 
     device = torch.device("cuda")
     model = build_model(load_config(["model.width=16"]), device, torch.bfloat16)  # on the GPU, channels_last

@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from engine.accuracy import classification_report, confusion_matrix, topk_accuracy
-from engine.probe import feature_stats, select_on_val, train_probes
+from evaluation.accuracy import classification_report, confusion_matrix, topk_accuracy
+from evaluation.probe import feature_stats, select_on_val, train_probes
 
 
 def clusters(n_per_class, dim=32, classes=10, spread=0.3, seed=0):

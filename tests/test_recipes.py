@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from engine.checkpoint import read_encoder
+from rundir.checkpoint import read_encoder
 from tests.conftest import REPO, assert_user_error, read_jsonl, run_entry
 
 TINY = ["data.name=synthetic", "device=cpu", "model.width=4", "data.train_limit=600", "train.batch_size=100",
@@ -96,7 +96,7 @@ def test_new_keys_reject_bad_values(tmp_path, capsys, args, fragment):
     """In this process, as ``python pretrain.py`` runs main (tests/test_pretrain.py checks the same contract
     through a subprocess): exit status 2, one `error:` line, nothing written."""
     import pretrain
-    from engine.cli import run_cli
+    from rundir.cli import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(pretrain.main, [*TINY, f"run.dir={tmp_path}", "run.name=bad", *args])

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from engine.report import HEADLINE_METRICS, build_report
+from rundir.report import HEADLINE_METRICS, build_report
 from tests.conftest import REPO, run_entry, tiny_run_args
 
 
@@ -30,11 +30,11 @@ def test_report_for_a_group_plots_mean_and_spread_by_a_config_key(tmp_path):
 def test_report_cli_prints_an_outline_offline_and_fails_cleanly_without_a_login(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"))
-    dry = subprocess.run([sys.executable, "-m", "engine.report", "sweep-b", "--by", "optim.base_lr"], cwd=REPO,
+    dry = subprocess.run([sys.executable, "-m", "rundir.report", "sweep-b", "--by", "optim.base_lr"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert "knn/top1 vs epoch" in dry.stdout and "grouped by config.optim.base_lr" in dry.stdout
-    save = subprocess.run([sys.executable, "-m", "engine.report", "sweep-b", "--entity", "team", "--save"],
+    save = subprocess.run([sys.executable, "-m", "rundir.report", "sweep-b", "--entity", "team", "--save"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert save.returncode == 2 and save.stderr.strip().splitlines()[-1].startswith("error: could not save")
     assert "Traceback" not in save.stderr

@@ -131,7 +131,7 @@ def test_view_pair_grid_shows_the_pixels_the_encoder_saw():
 
     from augment import CIFAR10_MEAN, CIFAR10_STD
     from augment.ops import normalize
-    from engine.plots import view_pair_grid
+    from rundir.plots import view_pair_grid
 
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     a, b = (normalize(x.float() / 255, CIFAR10_MEAN, CIFAR10_STD) for x in (images, images.flip(-1)))

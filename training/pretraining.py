@@ -1,6 +1,6 @@
 """The pieces of pretrain.py's loop: the model, optimizer and step it builds, the records it keeps (metrics.jsonl,
 W&B, the console), the checks it runs (divergence, collapse) and the evaluations it logs. pretrain.py's main() reads
-top to bottom with these; the checkpoint and resume logic is engine/resume.py.
+top to bottom with these; the checkpoint and resume logic is training/resume.py.
 """
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ from core.device import check_fits
 from core.errors import Diverged, UserError
 from core.files import write_json, write_text_atomic
 from data import EpochSampler, balanced_subset, load_source, seeded_generator, split_train_val
-from engine.accuracy import topk_accuracy
-from engine.checkpoint import ENCODER_FILE, last_checkpoint, sha256_of
-from engine.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
-from engine.knn import extract_features, extract_features_sharded, knn_top1
-from engine.micro_batch import forward_backward_in_chunks
-from engine.optim import optimizer_and_schedule, set_lr
-from engine.plots import save_embedding_map, save_training_curves, view_pair_grid
-from engine.preemption import StopRequest
-from engine.tracking import MetricsLog, format_metrics, git_sha, run_facts, start_wandb, write_results
+from evaluation.accuracy import topk_accuracy
+from rundir.checkpoint import ENCODER_FILE, last_checkpoint, sha256_of
+from evaluation.evaluate import LabeledSplits, check_probe_config, linear_evaluation, results_record
+from evaluation.knn import extract_features, extract_features_sharded, knn_top1
+from training.micro_batch import forward_backward_in_chunks
+from optim.optimizers import optimizer_and_schedule, set_lr
+from rundir.plots import save_embedding_map, save_training_curves, view_pair_grid
+from rundir.preemption import StopRequest
+from rundir.tracking import MetricsLog, format_metrics, git_sha, run_facts, start_wandb, write_results
 from losses.diagnostics import embedding_stats
 from models import SimCLR, create_encoder, is_vit, projection_head
 from models.vit import patch_size_for
@@ -213,12 +213,12 @@ class RunRecords:
     cfg: PretrainConfig
     run_dir: Path
     metrics: MetricsLog
-    wandb_run: Optional[object]  # engine.tracking.WandbRun on rank 0 when W&B is on
+    wandb_run: Optional[object]  # rundir.tracking.WandbRun on rank 0 when W&B is on
     steps_per_epoch: int
     started: float = field(default_factory=time.perf_counter)  # training began in this process
     elapsed_before: float = 0.0  # seconds trained by the processes before this one (from the checkpoint resumed)
     collapse_warned: bool = False
-    encoder: dict = field(default_factory=dict)  # what rebuilds and feeds the encoder (engine.resume.encoder_record)
+    encoder: dict = field(default_factory=dict)  # what rebuilds and feeds the encoder (training.resume.encoder_record)
 
     @property
     def checkpoint(self) -> Path:

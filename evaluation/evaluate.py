@@ -19,9 +19,9 @@ from configs.schema import ProbeConfig
 from core.device import autocast
 from core.errors import UserError
 from data import seeded_generator
-from engine.accuracy import classification_report, topk_accuracy
-from engine.knn import extract_features_sharded, knn_predict
-from engine.probe import FeatureFn, feature_stats, select_on_val, train_probes
+from evaluation.accuracy import classification_report, topk_accuracy
+from evaluation.knn import extract_features_sharded, knn_predict
+from evaluation.probe import FeatureFn, feature_stats, select_on_val, train_probes
 
 @dataclass
 class LabeledSplits:

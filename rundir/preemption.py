@@ -2,7 +2,7 @@
 
 SLURM sends SIGTERM (or the signal chosen with ``--signal``, often SIGUSR1) some time before SIGKILL; Ctrl-C sends
 SIGINT. Instead of dying mid-step, training records the signal and polls it between steps; the loop then writes a
-checkpoint at the current step and raises :class:`engine.cli.Stopped`, whose exit status is 128 + the signal number
+checkpoint at the current step and raises :class:`rundir.cli.Stopped`, whose exit status is 128 + the signal number
 (143 SIGTERM, 138 SIGUSR1, 130 SIGINT). The same command continues from that step.
 """
 from __future__ import annotations

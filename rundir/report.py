@@ -1,8 +1,8 @@
 """A W&B report for one group of runs (a sweep, a table): curves with mean and spread by a config key, and a runs
 table with the headline metrics. Built with the wandb-workspaces Report API.
 
-    python -m engine.report GROUP [--by train.batch_size] [--project P] [--entity E] [--title T]   # outline only
-    python -m engine.report GROUP --entity E --save                                              # needs a login
+    python -m rundir.report GROUP [--by train.batch_size] [--project P] [--entity E] [--title T]   # outline only
+    python -m rundir.report GROUP --entity E --save                                              # needs a login
 
 Without ``--save`` nothing touches the network: the report is built and its outline printed. Runs written offline
 must be uploaded first (``wandb sync <run>/wandb/offline-run-*``); the report queries W&B, not the run directories.
@@ -13,7 +13,7 @@ from argparse import RawDescriptionHelpFormatter
 from typing import Optional, Sequence
 
 from core.errors import UserError
-from engine.cli import ArgumentParser, run_cli
+from rundir.cli import ArgumentParser, run_cli
 
 # (title, x axis, metric): the curves every SimCLR group is compared on; names as pretrain.py/finetune.py log them.
 CURVES = (("NT-Xent loss", "step", "train/loss"), ("kNN top-1 on the validation split (%)", "epoch", "knn/top1"),
@@ -67,7 +67,7 @@ def outline(report) -> str:
 
 
 def main(argv: Sequence[str]) -> str:
-    parser = ArgumentParser(prog="python -m engine.report", description=__doc__,
+    parser = ArgumentParser(prog="python -m rundir.report", description=__doc__,
                             formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("group", help="W&B group of the runs (wandb.group)")
     parser.add_argument("--by", default="train.batch_size", help="config key to group curves by")

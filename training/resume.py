@@ -14,10 +14,10 @@ from configs.schema import PretrainConfig
 from core import dist
 from core.errors import UserError
 from core.files import atomic_save
-from engine.checkpoint import ENCODER_FILE, head_arch, last_checkpoint, load_file, load_strict, refuse_non_finite
-from engine.pretraining import RunRecords
-from engine.tracking import git_sha
-from engine.evaluate import LabeledSplits
+from rundir.checkpoint import ENCODER_FILE, head_arch, last_checkpoint, load_file, load_strict, refuse_non_finite
+from training.pretraining import RunRecords
+from rundir.tracking import git_sha
+from evaluation.evaluate import LabeledSplits
 from models import SimCLR, is_vit, resnet_stem
 
 

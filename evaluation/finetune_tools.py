@@ -1,7 +1,7 @@
 """The fine-tuning toolkit around the step: MixUp/CutMix, label smoothing, gradient clipping and an EMA of the weights
 (``configs.schema.FinetuneTrainConfig``), each off by default. Libraries do the work, this is the glue:
 torchvision.transforms.v2 mixes, F.cross_entropy smooths (also soft targets), clip_grad_norm_ clips,
-torch.optim.swa_utils averages. Layer-wise lr decay for ViTs is in engine.optim (timm groups the layers).
+torch.optim.swa_utils averages. Layer-wise lr decay for ViTs is in optim.optimizers (timm groups the layers).
 
 Every random choice of a step (mix or not, MixUp or CutMix, lambda, the box) is drawn from a stream seeded by
 (seed, step, rank), so a resumed run mixes exactly as an uninterrupted one.

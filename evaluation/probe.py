@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from data.sampler import derived_seed, seeded_generator
-from engine.accuracy import topk_accuracy
-from engine.optim import lr_at, set_lr
+from evaluation.accuracy import topk_accuracy
+from optim.optimizers import lr_at, set_lr
 
 FeatureFn = Callable[[torch.Tensor, int], torch.Tensor]  # (indices [B], step) -> standardized features [B, d]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.names import OPTIMIZERS
-from engine.lars import Lars
+from optim.lars import Lars
 
 
 def effective_lr(base_lr: float, global_batch: int) -> float:
@@ -105,7 +105,7 @@ def create_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: fl
                      nesterov: bool = False, decay_norm_bias: bool = False,
                      own_groups: Optional[Mapping[str, dict[str, Any]]] = None, trust_coeff: float = 1e-3,
                      trust_clip: bool = False, layer_decay: float = 1.0) -> torch.optim.Optimizer:
-    """LARS (:class:`engine.lars.Lars`: timm's update), SGD (momentum, optionally Nesterov) or AdamW, over
+    """LARS (:class:`optim.lars.Lars`: timm's update), SGD (momentum, optionally Nesterov) or AdamW, over
     :func:`param_groups` (or, with ``layer_decay`` < 1, :func:`layer_decay_groups`).
 
     LARS adapts exactly the groups marked ``always_adapt`` (the decayed one), also when weight_decay is 0, with

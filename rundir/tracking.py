@@ -122,7 +122,7 @@ class WandbRun:
                 self.run.summary[key] = value
 
     def log_image(self, key: str, image: torch.Tensor, caption: str, step: int = 0, epoch: float = 0) -> None:
-        """A uint8 image [H, W, 3] (e.g. :func:`engine.plots.view_pair_grid`) under ``key``."""
+        """A uint8 image [H, W, 3] (e.g. :func:`rundir.plots.view_pair_grid`) under ``key``."""
         import wandb
 
         self.run.log({key: wandb.Image(image.cpu().numpy(), caption=caption), "step": step, "epoch": epoch})
@@ -291,7 +291,7 @@ def format_metrics(record: Dict[str, Any]) -> str:
 
 def write_results(run_dir: Path, record: Dict[str, Any], classes: Sequence[str]) -> Path:
     """results.json (atomic) and confusion.png beside it; returns the JSON's path."""
-    from engine.plots import save_confusion_png
+    from rundir.plots import save_confusion_png
 
     path = Path(run_dir) / "results.json"
     write_json(path, record)

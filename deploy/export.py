@@ -21,7 +21,7 @@ from torch import nn
 from core.errors import UserError
 from core.files import atomic_write
 from core.names import EXPORT_FORMATS
-from engine.checkpoint import EncoderFile, load_strict
+from rundir.checkpoint import EncoderFile, load_strict
 
 METADATA_KEY = "simclr_cifar"  # where each format keeps the JSON metadata (TorchScript extra file, ONNX property)
 # What each format needs beyond torch (setup.cfg's [export] extra)

@@ -86,7 +86,7 @@ def attention_weights(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str], method: str,
             path: Path, title: str) -> dict:
-    """Explain ``model`` (uint8 images -> logits, e.g. :class:`engine.export.Deployable`) on uint8 images
+    """Explain ``model`` (uint8 images -> logits, e.g. :class:`deploy.export.Deployable`) on uint8 images
     [B, 3, H, W] with true labels [B]; the grid goes to ``path``. Returns what it showed: predictions, top-1 on these
     images, and how concentrated the maps are (the share of each map in its top quarter of pixels, averaged)."""
     model.eval()

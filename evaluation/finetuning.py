@@ -1,5 +1,5 @@
 """Fine-tuning: the whole encoder plus a new linear head on the labeled training images (eval.mode=finetune; from
-checkpoint=none with all labels it is the supervised baseline), with the toolkit of engine.finetune_tools.
+checkpoint=none with all labels it is the supervised baseline), with the toolkit of evaluation.finetune_tools.
 
 SGD (Nesterov by default) or AdamW (layer-wise lr decay for ViTs) with warm-up + cosine per step, random crop
 (padding 4) + flip on the device, optional MixUp/CutMix, label smoothing, gradient clipping and an EMA of the weights
@@ -25,13 +25,13 @@ from core.device import autocast
 from core.errors import Stopped, UserError
 from core.files import atomic_save
 from data import EpochSampler, seeded_generator
-from engine.accuracy import topk_accuracy
-from engine.evaluate import EvalOutcome, LabeledSplits, augment_batch
-from engine.finetune_tools import BatchMixer, classification_loss, clip_gradients, weight_average
-from engine.knn import extract_features_sharded
-from engine.optim import effective_lr, optimizer_and_schedule, set_lr
-from engine.preemption import StopRequest
-from engine.tracking import MetricsLog, format_metrics
+from evaluation.accuracy import topk_accuracy
+from evaluation.evaluate import EvalOutcome, LabeledSplits, augment_batch
+from evaluation.finetune_tools import BatchMixer, classification_loss, clip_gradients, weight_average
+from evaluation.knn import extract_features_sharded
+from optim.optimizers import effective_lr, optimizer_and_schedule, set_lr
+from rundir.preemption import StopRequest
+from rundir.tracking import MetricsLog, format_metrics
 
 
 class Classifier(nn.Module):

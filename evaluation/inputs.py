@@ -17,8 +17,8 @@ from core import dist
 from core.device import check_fits
 from core.errors import UserError
 from data import load_source, resized, split_labeled
-from engine.checkpoint import EncoderFile, last_checkpoint, load_file, load_strict, read_encoder
-from engine.evaluate import LabeledSplits, check_probe_config
+from rundir.checkpoint import EncoderFile, last_checkpoint, load_file, load_strict, read_encoder
+from evaluation.evaluate import LabeledSplits, check_probe_config
 from models import ARCHS, create_encoder, is_vit
 from models.heads import HeadFeatures, head_depth, head_prefix
 

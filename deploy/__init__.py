@@ -1,0 +1,1 @@
+"""Trained models outside training: exports (TorchScript, ONNX, int8, safetensors) and explanations (Grad-CAM, attention)."""

@@ -1,0 +1,1 @@
+"""Optimizers (LARS, SGD, AdamW), their parameter groups and the learning-rate schedule."""

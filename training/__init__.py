@@ -1,0 +1,1 @@
+"""The pretraining loop: model, step, micro-batches, records, checkpoints and resume."""
