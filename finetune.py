@@ -1,14 +1,17 @@
 """Evaluate an encoder on labeled data. Run: python finetune.py checkpoint=RUN_DIR [--config FILE] [key=value ...]
 
 eval.mode: ``linear`` (frozen features, linear classifier, weight decay chosen on the validation split), ``finetune``
-(whole network plus a new head on eval.label_fraction of the labels) or ``knn`` (weighted kNN). ``checkpoint`` is a
-pretraining run directory, its checkpoints/last.pt or an encoder.pt; ``checkpoint=none`` starts from random weights
-(model.arch needed): with eval.mode=finetune and eval.label_fraction=1.0 that is the supervised baseline.
+(whole network plus a new head on eval.label_fraction of the labels), ``knn`` (weighted kNN) or ``distill`` (a
+student learns the predictions of ``teacher=``, a fine-tuning run, on all training images: SimCLRv2's recipe).
+``checkpoint`` is a pretraining run directory, its checkpoints/last.pt or an encoder.pt; ``checkpoint=none`` starts
+from random weights (model.arch needed): with eval.mode=finetune and eval.label_fraction=1.0 that is the supervised
+baseline.
 The run directory <run.dir>/<run.name>/ gets config.yaml, metrics.jsonl, results.json and confusion.png.
 """
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,8 +25,9 @@ from rundir.checkpoint import CLASSIFIER_FILE, EncoderFile, classifier_state, la
 from core.errors import UserError
 from rundir.cli import run_cli
 from core.device import resolve_device, resolve_precision
-from evaluation.inputs import (check_config, encoder_arch, features_from, find_resume_state, load_encoder,
-                                load_labeled_splits, read_source, say)
+from evaluation.distillation import DistillTargets, check_teacher, distill_loss, read_teacher
+from evaluation.inputs import (TRAINED_MODES, check_config, encoder_arch, features_from, find_resume_state,
+                               load_encoder, load_labeled_splits, read_source, say)
 from evaluation.evaluate import EvalOutcome, LabeledSplits, knn_evaluation, linear_evaluation, results_record
 from deploy.explain import explain_test_images, method_for
 from deploy.export import Deployable
@@ -33,7 +37,7 @@ from rundir.lock import hold_run_dir
 from rundir.tracking import (MetricsLog, decide_wandb_mode, git_sha, keep_wandb_out, run_facts, start_wandb,
                              write_results)
 
-MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN"}
+MODE_NAMES = {"linear": "linear probe", "finetune": "fine-tuning", "knn": "kNN", "distill": "distillation"}
 
 
 def main(argv: Sequence[str]) -> dict:
@@ -52,24 +56,27 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     source = read_source(cfg.checkpoint)
     arch, width = encoder_arch(cfg, source)
     check_config(cfg, dtype, arch)
+    teacher = read_teacher(cfg.teacher, device) if cfg.eval.mode == "distill" else None
     run_dir = Path(cfg.run.dir).expanduser() / (cfg.run.name or default_run_name(cfg, source, arch))
     held.enter_context(hold_run_dir(run_dir))  # one writer: a second identical job stops here
-    stop = held.enter_context(StopRequest()) if cfg.eval.mode == "finetune" else None  # others just die and rerun
+    stop = held.enter_context(StopRequest()) if cfg.eval.mode in TRAINED_MODES else None  # others die and rerun
     if (run_dir / "results.json").exists():
         raise UserError(f"run directory {str(run_dir)!r} already holds an evaluation (results.json: finished); "
                         "choose another run.name or remove it")
     checkpoint_sha = sha256_of(source.path) if source else None
-    resume = find_resume_state(cfg, run_dir, checkpoint_sha)
+    resume = find_resume_state(cfg, run_dir, checkpoint_sha, teacher.sha256 if teacher else None)
     wandb_cfg = decide_wandb_mode(cfg.wandb)  # online | offline in seconds, before any data is loaded
     dist.barrier()  # every rank has checked the run directory before rank 0 writes to it
     say(to_yaml(cfg))
 
     # ---------------------------------------------------------------- data: labeled splits on the device
     splits, sizes = load_labeled_splits(cfg, source, device)  # at the encoder's input size
+    if teacher is not None:
+        check_teacher(teacher, splits, sizes["data/image_size"], cfg.data, cfg.eval.label_fraction)
 
     # ---------------------------------------------------------------- encoder: architecture from the checkpoint
     torch.manual_seed(cfg.seed)
-    encoder = load_encoder(arch, width, source, device, trainable=cfg.eval.mode == "finetune",
+    encoder = load_encoder(arch, width, source, device, trainable=cfg.eval.mode in TRAINED_MODES,
                            image_size=sizes["data/image_size"])
     features = features_from(encoder, source, cfg.eval.features)  # the encoder, or it and head layers (headK)
 
@@ -85,40 +92,49 @@ def evaluation(argv: Sequence[str], held: contextlib.ExitStack) -> dict:
     if wandb_run is not None and source is not None:
         wandb_run.use_encoder(source.path, source.run_name)
     state = FinetuneState(last_checkpoint(run_dir), cfg.run.ckpt_every,
-                          {"config": to_dict(cfg), "checkpoint_sha256": checkpoint_sha}, resume, stop)
-    outcome = evaluate(cfg, features, splits, dtype, metrics, state)
+                          {"config": to_dict(cfg), "checkpoint_sha256": checkpoint_sha,
+                           "teacher_sha256": teacher.sha256 if teacher else None}, resume, stop)
+    outcome = evaluate(cfg, features, splits, dtype, metrics, state, teacher)
 
     # ---------------------------------------------------------------- results
     record = results_record(outcome, splits, mode=cfg.eval.mode, label_fraction=cfg.eval.label_fraction,
                             features=cfg.eval.features, val_within_fraction=cfg.eval.val_share_of_labels > 0, **sizes,
                             checkpoint=str(source.path) if source else "none", checkpoint_sha256=checkpoint_sha,
+                            model={"arch": arch, "width": width}, **teacher_record(cfg, teacher),
+                            **labeled_record(splits),
                             git_sha=git_sha(), config=to_dict(cfg))
     arch_record = {"arch": arch, "width": width, "image_size": sizes["data/image_size"],
                    **({"stem": source.stem} if source else {})}
-    classifier = classifier_state(encoder, outcome.head, arch=arch_record, classes=splits.classes,
-                                  normalize=source.normalize if source else "auto", mean=list(splits.mean),
-                                  std=list(splits.std), mode=cfg.eval.mode,
-                                  checkpoint_sha256=checkpoint_sha) if outcome.head is not None and features is encoder \
-        else None  # classifier.pt holds an encoder and a head on its features: not head-layer features
+    classifier = None
+    if outcome.head is not None and (features is encoder or cfg.eval.mode in TRAINED_MODES):
+        # a frozen head-layer probe keeps no classifier.pt; a trained one keeps its head layers beside the encoder
+        layers = {} if features is encoder else {"feature_layers": {
+            "layers": int(cfg.eval.features[len("head"):]), "head_arch": source.head_arch,
+            "state": {k: v.detach().cpu() for k, v in features.layers.state_dict().items()}}}
+        classifier = classifier_state(encoder, outcome.head, arch=arch_record, classes=splits.classes,
+                                      normalize=source.normalize if source else "auto", mean=list(splits.mean),
+                                      std=list(splits.std), mode=cfg.eval.mode, features=cfg.eval.features,
+                                      checkpoint_sha256=checkpoint_sha, **layers)
+    if classifier is not None and dist.is_main():
+        atomic_save(classifier, run_dir / CLASSIFIER_FILE)
+        record["classifier_sha256"] = sha256_of(run_dir / CLASSIFIER_FILE)  # what a distillation names as teacher
     if cfg.eval.explain and dist.is_main():
         explain_grid(arch, Deployable(encoder, splits.mean, splits.std, outcome.head), splits, run_dir, wandb_run)
-    publish(record, cfg, arch, splits.classes, classifier, run_dir, metrics, wandb_run,
+    publish(record, cfg, arch, splits.classes, run_dir, metrics, wandb_run,
             outcome.extra.get("finetune/steps", 0))
     dist.barrier()
     dist.shutdown()
     return record
 
 
-def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], classifier: Optional[dict],
-            run_dir: Path, metrics: MetricsLog, wandb_run, steps: int) -> None:
-    """The headline numbers into metrics.jsonl; classifier.pt, results.json (last: it marks the run finished),
-    confusion.png and W&B by rank 0; the result line."""
+def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], run_dir: Path, metrics: MetricsLog,
+            wandb_run, steps: int) -> None:
+    """The headline numbers into metrics.jsonl; results.json (last: it marks the run finished), confusion.png and
+    W&B by rank 0; the result line."""
     metrics.log(steps, final_epoch(cfg), {k: record[k] for k in ("val/top1", "test/top1", "test/top5", "ema/val_top1",
                                                                   "ema/test_top1") if record.get(k) is not None})
     if not dist.is_main():
         return
-    if classifier is not None:
-        atomic_save(classifier, run_dir / CLASSIFIER_FILE)
     path = write_results(run_dir, record, classes)
     if wandb_run is not None:
         wandb_run.log_evaluation(record, classes)
@@ -126,7 +142,9 @@ def publish(record: dict, cfg: FinetuneConfig, arch: str, classes: list[str], cl
         wandb_run.finish()
     val = f"{record['val/top1']:.2f}%" if record["val/top1"] is not None else "n/a (no validation split)"
     ema = f", EMA weights: test top-1 {record['ema/test_top1']:.2f}%" if "ema/test_top1" in record else ""
-    say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {record['data/train_images']} labeled images: "
+    images = (f"{record['data/train_images']} training images ({record['data/labeled_images']} labeled)"
+              if "data/labeled_images" in record else f"{record['data/train_images']} labeled images")
+    say(f"result: {MODE_NAMES[cfg.eval.mode]} of {arch} on {images}: "
         f"test top-1 {record['test/top1']:.2f}% (top-5 {record['test/top5']:.2f}%, val top-1 {val}{ema}) -> {path}")
 
 
@@ -148,8 +166,23 @@ def default_run_name(cfg: FinetuneConfig, source: Optional[EncoderFile], arch: s
     return f"{base}-{cfg.eval.mode}{pct}-s{cfg.seed}"
 
 
+def labeled_record(splits: LabeledSplits) -> dict:
+    """A distillation's count of labeled training images (the others are learnt from the teacher alone)."""
+    return {} if splits.labeled is None else {"data/labeled_images": int(splits.labeled.sum())}
+
+
+def teacher_record(cfg: FinetuneConfig, teacher) -> dict:
+    """What results.json says of a distillation's teacher (nothing for other modes)."""
+    if teacher is None:
+        return {}
+    return {"teacher": str(teacher.path.parent), "teacher_sha256": teacher.sha256,
+            "teacher_features": teacher.record.get("config", {}).get("eval", {}).get("features", "encoder"),
+            "teacher_model": teacher.record.get("model"), "distill/temperature": cfg.distill.temperature,
+            "distill/label_weight": cfg.distill.label_weight}
+
+
 def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplits, dtype: torch.dtype,
-             metrics: MetricsLog, state: FinetuneState) -> EvalOutcome:
+             metrics: MetricsLog, state: FinetuneState, teacher=None) -> EvalOutcome:
     if cfg.eval.mode == "knn":
         return knn_evaluation(encoder, splits, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                               vote=cfg.eval.knn_vote, dtype=dtype)
@@ -158,12 +191,15 @@ def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplit
                                  # refit on train + val only where val holds no label beyond the fraction
                                  refit_allowed=cfg.eval.label_fraction == 1 or cfg.eval.val_share_of_labels > 0,
                                  log=say)
+    distilled = {} if teacher is None else {
+        "targets_fn": DistillTargets(teacher, splits, splits.labeled),
+        "loss_fn": partial(distill_loss, temperature=cfg.distill.temperature, label_weight=cfg.distill.label_weight)}
     return finetune_evaluation(encoder, splits, cfg.train, cfg.optim, seed=cfg.seed, dtype=dtype,
-                               val_every=cfg.eval.val_every, metrics=metrics, state=state)
+                               val_every=cfg.eval.val_every, metrics=metrics, state=state, **distilled)
 
 
 def final_epoch(cfg: FinetuneConfig) -> int:
-    return {"finetune": cfg.train.epochs, "linear": cfg.probe.epochs}.get(cfg.eval.mode, 0)
+    return {"finetune": cfg.train.epochs, "distill": cfg.train.epochs, "linear": cfg.probe.epochs}.get(cfg.eval.mode, 0)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from configs.load import config_keys
 from configs.schema import FinetuneConfig, PretrainConfig
 from core.errors import UserError
 from rundir.cli import ArgumentParser, run_cli
-from tables.collect import (ENDED_AS_RESULT, RunRecord, describe, match, pretraining_pending, scan_run_dirs,
+from tables.collect import (ENDED_AS_RESULT, RunRecord, describe, match, inputs_pending, scan_run_dirs,
                             wandb_records)
 from tables.plan import LAUNCHERS, Plan, PlannedRun, command, plan_table
 from tables.claims import check_claims, claim_text, verdicts_markdown
@@ -113,7 +113,7 @@ def check_extra(extra: List[str]) -> List[str]:
 def print_commands(plan: Plan, launchers: Sequence[str], nproc_per_node: int, nodes: int) -> None:
     print(f"# {plan.spec.title}: {len(plan.runs)} runs (seeds {', '.join(map(str, plan.seeds))})")
     for run in plan.runs:
-        after = f", after {run.pretraining.name}" if run.pretraining else ""
+        after = f", after {' and '.join(r.name for r in run.inputs)}" if run.inputs else ""
         print(f"\n# {run.stage} for {', '.join(run.rows)}, seed {run.seed}{after}")
         for launcher in launchers:
             print(command(run, launcher, nproc_per_node, nodes))
@@ -124,12 +124,12 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
     failed = []
     found = match(plan, scan_run_dirs(runs_dir))
     for run in plan.runs:
-        record, pending = found[run.name], pretraining_pending(run, found)
+        record, pending = found[run.name], inputs_pending(run, found)
         if record is not None and record.status in ("finished", *ENDED_AS_RESULT):
             print(f"reproduce: {run.name}: {describe(record)} ({record.where}), skipped", flush=True)
             continue
         if pending:
-            print(f"reproduce: {run.name}: skipped, its pretraining is {pending}", flush=True)
+            print(f"reproduce: {run.name}: skipped, its {pending.replace(' ', ' is ', 1)}", flush=True)
             continue
         run_args, where = resumable(run, record)
         print(f"reproduce: {run.name}: {'resuming' if record else 'starting'} in {where}", flush=True)

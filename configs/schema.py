@@ -232,7 +232,9 @@ class FinetuneOptimConfig(OptimConfig):
 class FinetuneEvalConfig:
     """What evaluation to run and on how many labels."""
 
-    mode: str = "linear"  # linear: probe on frozen features | finetune: all weights + a new head | knn
+    # linear: probe on frozen features | finetune: all weights + a new head | knn | distill: a student trained on
+    # the teacher's (teacher=) softened predictions for all training images, labels unused (distill.label_weight)
+    mode: str = "linear"
     label_fraction: float = 1.0  # class-balanced share of the labels: 0.01 = 500 CIFAR-10 images, nested by seed
     # Where hyperparameters (probe weight decay, fine-tuning epochs) are chosen. 0: on data.val_size images held out
     # of train, whose labels lie beyond the fraction (5,000 labels for selection at 1% = 500 training labels).
@@ -240,8 +242,10 @@ class FinetuneEvalConfig:
     # on, so selection sees only the fraction's labels (data.val_size is not used).
     val_share_of_labels: float = 0.0
     augment: bool = False  # linear: random crop + flip with features computed on the fly
-    # What kNN and the linear probe read: encoder (h, the encoder's output) | headK (the output of the pretrained
-    # projection head's K-th layer, with its batch norm and ReLU; the last layer's is g(h), what the loss compared)
+    # What the evaluation reads: encoder (h, the encoder's output) | headK (the output of the pretrained projection
+    # head's K-th layer, with its batch norm and ReLU; the last layer's is g(h), what the loss compared). kNN and the
+    # linear probe read them frozen; finetune and distill train the encoder and those K layers with the new head
+    # (SimCLRv2 fine-tunes from head1 of its 3-layer head)
     features: str = "encoder"
     val_every: int = 10  # finetune: epochs between validation measurements; 0 = at the end only
     knn_k: int = 200  # neighbours that vote
@@ -250,6 +254,16 @@ class FinetuneEvalConfig:
     # linear and finetune: after the evaluation, Grad-CAM (ResNets) or attention (ViTs) of the trained classifier on
     # 16 fixed test images: gradcam.png or attention.png in the run directory and W&B media (see explain.py)
     explain: bool = False
+
+
+@dataclass
+class DistillConfig:
+    """eval.mode=distill (SimCLRv2 Sec. 2.2): the student learns the teacher's predictions on unlabeled images."""
+
+    # both the teacher's and the student's logits are divided by it before the softmax (SimCLRv2: 1 is best)
+    temperature: float = 1.0
+    # > 0: plus this weight x cross-entropy on the labeled images of each batch (those of eval.label_fraction)
+    label_weight: float = 0.0
 
 
 @dataclass
@@ -270,6 +284,7 @@ class FinetuneConfig:
     seed: int = 0  # the head's initialization, augmentation, batch order and the label subset
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     checkpoint: str = ""  # a pretraining run directory, its checkpoints/last.pt, an encoder.pt, or none
+    teacher: str = ""  # eval.mode=distill: a fine-tuning run directory (its classifier.pt is the teacher)
     data: DataConfig = field(default_factory=DataConfig)
     model: EncoderConfig = field(default_factory=EncoderConfig)
     train: FinetuneTrainConfig = field(default_factory=lambda: FinetuneTrainConfig(epochs=100, batch_size=256))
@@ -277,6 +292,7 @@ class FinetuneConfig:
         name="sgd", base_lr=0.05, weight_decay=5e-4, warmup_epochs=0.0, nesterov=True))
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear mode
+    distill: DistillConfig = field(default_factory=DistillConfig)  # distill mode
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -322,7 +338,7 @@ class ExplainConfig:
 # Keys (or key prefixes) that say where or how fast a run goes, not what it computes: two runs that differ only here
 # are the same experiment (tables match runs ignoring them; a resumed run may change them).
 NOT_RESULT_KEYS = ("run.", "wandb.", "device", "data.root", "data.download", "data.cache_dir", "train.log_every",
-                   "train.compile", "loss.impl", "checkpoint")
+                   "train.compile", "loss.impl", "checkpoint", "teacher")
 # What a resumed run may change: only those. pretrain.py handles train.epochs itself (a finished run may be extended as
 # a new schedule phase, recorded in train.schedule_restarts; an unfinished one keeps its length).
 RESUMABLE_CHANGES = NOT_RESULT_KEYS
@@ -338,7 +354,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp64"),
     "optim.name": OPTIMIZERS,
     "wandb.mode": ("auto", "online", "offline", "disabled"),
-    "eval.mode": ("linear", "finetune", "knn"),
+    "eval.mode": ("linear", "finetune", "knn", "distill"),
     "eval.knn_vote": ("weighted", "majority"),
     "model.forward_views": ("joint", "separate"),
     "aug.normalize": ("auto", "cifar", "imagenet", "none"),
@@ -393,6 +409,8 @@ RANGES = {
     "train.grad_clip": (0, None, True),
     "train.ema_decay": (0, 1, True),
     "optim.layer_decay": (0, 1, False),
+    "distill.temperature": (0, None, False),
+    "distill.label_weight": (0, None, True),
     "probe.epochs": (1, None, True),
     "probe.batch_size": (1, None, True),
     "probe.lr": (0, None, False),

@@ -1,1 +1,1 @@
-"""Evaluating an encoder on labeled images: kNN, linear probe, fine-tuning, their inputs and accuracy."""
+"""Evaluating an encoder on labeled images: kNN, linear probe, fine-tuning, distillation, their inputs and accuracy."""

@@ -36,6 +36,7 @@ class LabeledSplits:
     classes: list[str]
     mean: Sequence[float]  # normalization of the encoder's inputs
     std: Sequence[float]
+    labeled: Optional[torch.Tensor] = None  # distill: bool [N_train], whose labels the run may use; None: all
 
     @property
     def num_classes(self) -> int:

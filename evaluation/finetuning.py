@@ -1,5 +1,6 @@
-"""Fine-tuning: the whole encoder plus a new linear head on the labeled training images (eval.mode=finetune; from
-checkpoint=none with all labels it is the supervised baseline), with the toolkit of evaluation.finetune_tools.
+"""Fine-tuning: the whole encoder (and the head layers of eval.features=headK) plus a new linear head on the labeled
+training images (eval.mode=finetune; from checkpoint=none with all labels it is the supervised baseline), with the
+toolkit of evaluation.finetune_tools. Distillation (evaluation.distillation) runs the same loop on other targets.
 
 SGD (Nesterov by default) or AdamW (layer-wise lr decay for ViTs) with warm-up + cosine per step, random crop
 (padding 4) + flip on the device, optional MixUp/CutMix, label smoothing, gradient clipping and an EMA of the weights
@@ -68,9 +69,13 @@ class Progress:
 
 def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: FinetuneTrainConfig,
                         optim: FinetuneOptimConfig, *, seed: int, dtype: torch.dtype, val_every: int,
-                        metrics: MetricsLog, state: Optional[FinetuneState] = None) -> EvalOutcome:
+                        metrics: MetricsLog, state: Optional[FinetuneState] = None,
+                        targets_fn: Optional[Callable] = None, loss_fn: Optional[Callable] = None) -> EvalOutcome:
     """Fine-tune ``encoder`` (in place) plus a new head; the outcome's test scores are the raw weights' logits
-    [N_test, C], its ``head`` the trained head, its extra the EMA's top-1 on val and test when train.ema_decay > 0."""
+    [N_test, C], its ``head`` the trained head, its extra the EMA's top-1 on val and test when train.ema_decay > 0.
+
+    ``targets_fn(views [B, 3, H, W], indices [B]) -> targets`` and ``loss_fn(logits, targets) -> loss`` replace the
+    labels (after MixUp/CutMix) and the cross-entropy: distillation's teacher predictions and loss."""
     state, device = state or FinetuneState(), splits.train_labels.device
     try:
         sampler = EpochSampler(len(splits.train_labels), train.batch_size, seed, dist.rank(), dist.world_size())
@@ -88,8 +93,8 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: Finetu
     at = _restore(state.resume, model, optimizer, ema)
     save = partial(_save_finetune_state, state, model, optimizer, ema)
     predict = partial(_predict, splits=splits, dtype=dtype)
-    step_fn = partial(finetune_step, step_model, optimizer, label_smoothing=train.label_smoothing,
-                      grad_clip=train.grad_clip, dtype=dtype)
+    loss_fn = loss_fn or partial(classification_loss, label_smoothing=train.label_smoothing)
+    step_fn = partial(finetune_step, step_model, optimizer, loss_fn=loss_fn, grad_clip=train.grad_clip, dtype=dtype)
     stop_agreed = False
     for epoch in range(at.epoch, train.epochs):
         model.train()
@@ -99,8 +104,11 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: Finetu
                 save(at)
                 raise _stopped(state, at.step)
             g = seeded_generator(device, "finetune", seed, at.step, dist.rank())
-            x, targets = mixer(augment_batch(splits.train_images[idx], splits, g), splits.train_labels[idx], at.step,
-                               dist.rank())
+            x = augment_batch(splits.train_images[idx], splits, g)
+            if targets_fn is None:
+                x, targets = mixer(x, splits.train_labels[idx], at.step, dist.rank())
+            else:
+                targets = targets_fn(x, idx)
             lr = schedule(at.step)
             sums += step_fn(x, targets, lr, clip_model=model)
             if ema is not None:
@@ -124,14 +132,15 @@ def finetune_evaluation(encoder: nn.Module, splits: LabeledSplits, train: Finetu
                        head=model.head)
 
 
-def finetune_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
-                  lr: float, *, label_smoothing: float, grad_clip: float, dtype: torch.dtype,
+def finetune_step(step_model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets, lr: float, *,
+                  loss_fn: Callable, grad_clip: float, dtype: torch.dtype,
                   clip_model: Optional[nn.Module] = None) -> torch.Tensor:
-    """One optimizer step on views x [B, 3, H, W] and labels [B] or soft targets [B, C]; returns the device tensor
-    [loss, gradient norm before clipping] (no host sync). ``clip_model``: the unwrapped module whose gradients are
-    measured and clipped (default ``step_model``)."""
+    """One optimizer step on views x [B, 3, H, W] and their targets (labels [B] or soft targets [B, C] for
+    classification_loss; whatever ``loss_fn(logits, targets)`` takes); returns the device tensor [loss, gradient norm
+    before clipping] (no host sync). ``clip_model``: the unwrapped module whose gradients are measured and clipped
+    (default ``step_model``)."""
     with autocast(x.device, dtype):
-        loss = classification_loss(step_model(x), targets, label_smoothing)
+        loss = loss_fn(step_model(x), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = clip_gradients(clip_model or step_model, grad_clip)

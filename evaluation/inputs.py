@@ -24,6 +24,7 @@ from models.heads import HeadFeatures, head_depth, head_prefix
 
 TOOLKIT_KEYS = ("mixup_alpha", "cutmix_alpha", "label_smoothing", "grad_clip", "ema_decay")  # train.*, finetune only
 HEAD_FEATURES = re.compile(r"head([1-9][0-9]*)")  # eval.features=headK, K from 1
+TRAINED_MODES = ("finetune", "distill")  # the evaluations that train the encoder (steps, checkpoints, resume)
 
 
 def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
@@ -33,8 +34,9 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
     used = [f"train.{key}" for key in TOOLKIT_KEYS if getattr(cfg.train, key)]
     if cfg.optim.layer_decay < 1:
         used.append("optim.layer_decay")
-    if used and cfg.eval.mode != "finetune":
-        raise UserError(f"{', '.join(used)} apply to eval.mode=finetune only, not eval.mode={cfg.eval.mode}")
+    if used and cfg.eval.mode not in TRAINED_MODES:
+        raise UserError(f"{', '.join(used)} apply to eval.mode=finetune (and distill) only, not "
+                        f"eval.mode={cfg.eval.mode}")
     if cfg.optim.layer_decay < 1 and not is_vit(arch):
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
     if cfg.eval.explain and cfg.eval.mode == "knn":
@@ -54,13 +56,20 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
     if cfg.eval.features != "encoder" and not HEAD_FEATURES.fullmatch(cfg.eval.features):
         raise UserError(f"eval.features={cfg.eval.features!r} is neither encoder nor headK (head1, head2, ...: the "
                         "output of the projection head's K-th layer)")
-    if cfg.eval.features != "encoder" and cfg.eval.mode == "finetune":
-        raise UserError(f"eval.features={cfg.eval.features} applies to eval.mode=linear and knn; fine-tuning trains "
-                        "the encoder's features (eval.features=encoder)")
+    if cfg.eval.mode == "distill" and not cfg.teacher:
+        raise UserError("eval.mode=distill needs teacher=: a fine-tuning run directory, whose classifier.pt "
+                        "predicts the targets")
+    if cfg.teacher and cfg.eval.mode != "distill":
+        raise UserError(f"teacher= applies to eval.mode=distill only, not eval.mode={cfg.eval.mode}")
+    if cfg.eval.mode == "distill" and mixing:
+        raise UserError("train.mixup_alpha and train.cutmix_alpha apply to eval.mode=finetune: a distilled student "
+                        "learns the teacher's predictions on the views themselves")
+    if cfg.eval.mode != "distill" and (cfg.distill.temperature != 1 or cfg.distill.label_weight):
+        raise UserError(f"distill.* apply to eval.mode=distill only, not eval.mode={cfg.eval.mode}")
     if cfg.eval.features != "encoder" and cfg.eval.explain:
         raise UserError(f"eval.explain maps the encoder's last stage; with eval.features={cfg.eval.features} use "
                         "eval.features=encoder")
-    if cfg.eval.mode == "finetune":
+    if cfg.eval.mode in TRAINED_MODES:
         dist.check_global_batch(cfg.train.batch_size)
     if cfg.eval.mode == "linear":
         check_probe_config(cfg.probe, cfg.data.val_size)
@@ -85,7 +94,8 @@ def load_encoder(arch: str, width: Optional[int], source: Optional[EncoderFile],
 
 def features_from(encoder: torch.nn.Module, source: Optional[EncoderFile], features: str) -> torch.nn.Module:
     """What the evaluation reads (eval.features): the encoder itself, or the encoder followed by the first K layers
-    of the pretrained projection head (headK; frozen like the encoder). Refused where there is no such layer."""
+    of the pretrained projection head (headK, with their batch norms; frozen or trained like the encoder). Refused
+    where there is no such layer."""
     match = HEAD_FEATURES.fullmatch(features)
     if match is None:
         return encoder
@@ -100,8 +110,9 @@ def features_from(encoder: torch.nn.Module, source: Optional[EncoderFile], featu
         raise UserError(f"eval.features={features}: the projection head of {str(source.path)!r} has {depth} "
                         f"layer(s); choose one of head1 to head{depth}")
     device = next(encoder.parameters()).device
+    trainable = any(p.requires_grad for p in encoder.parameters())
     module = HeadFeatures(encoder, head_prefix(head, layers)).to(device)
-    module.requires_grad_(False)
+    module.requires_grad_(trainable)
     say(f"features: {features}, the encoder and the first {layers} of {depth} head layer(s), "
         f"{module.feature_dim}-d")
     return module
@@ -136,10 +147,22 @@ def load_labeled_splits(cfg: FinetuneConfig, source: Optional[EncoderFile], devi
         raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_idx)} labeled training "
                         "images; lower train.batch_size")
     statistics = source.statistics() if source else image_statistics(data.train_images[train_idx])
+    labeled = None
+    if cfg.eval.mode == "distill":  # the student trains on every training image; the fraction's labels are marked
+        if cfg.eval.val_share_of_labels:
+            raise UserError("eval.val_share_of_labels applies to fine-tuning; a distilled student is selected on the "
+                            "validation split held out of train (data.val_size), as its teacher should be")
+        pool, _ = split_labeled(data.train_labels, cfg.data.val_size, 1.0, cfg.data.train_limit, cfg.data.split_seed)
+        labeled, train_idx = torch.isin(pool, train_idx).to(device), pool
+        say(f"data: the student learns the teacher's predictions on all {len(pool)} training images, "
+            f"{int(labeled.sum())} of them labeled")
+        if cfg.train.batch_size > len(pool):
+            raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(pool)} training images; "
+                            "lower train.batch_size")
     return LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
                          data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
                          data.test_images.to(device), data.test_labels.to(device), list(data.classes),
-                         *statistics), sizes
+                         *statistics, labeled=labeled), sizes
 
 
 def say(text: str) -> None:
@@ -171,11 +194,12 @@ def encoder_arch(cfg: FinetuneConfig, source: Optional[EncoderFile]) -> tuple[st
     return source.arch, source.width
 
 
-def find_resume_state(cfg: FinetuneConfig, run_dir: Path, checkpoint_sha: Optional[str]) -> Optional[dict]:
-    """A fine-tuning run's checkpoint to continue from, checked to hold the same encoder and recipe; None to start
-    (or start over: linear probes and kNN keep no checkpoints)."""
+def find_resume_state(cfg: FinetuneConfig, run_dir: Path, checkpoint_sha: Optional[str],
+                      teacher_sha: Optional[str] = None) -> Optional[dict]:
+    """A fine-tuning or distillation run's checkpoint to continue from, checked to hold the same encoder, teacher and
+    recipe; None to start (or start over: linear probes and kNN keep no checkpoints)."""
     path = last_checkpoint(run_dir)
-    if cfg.eval.mode != "finetune" or not path.is_file():
+    if cfg.eval.mode not in TRAINED_MODES or not path.is_file():
         return None
     state = load_file(path)
     if "model" not in state or "config" not in state:
@@ -183,6 +207,9 @@ def find_resume_state(cfg: FinetuneConfig, run_dir: Path, checkpoint_sha: Option
     if state.get("checkpoint_sha256") != checkpoint_sha:
         raise UserError(f"cannot resume {str(path)!r}: it fine-tunes another encoder than checkpoint={cfg.checkpoint}"
                         " (SHA-256 differs); choose another run.name")
+    if state.get("teacher_sha256") != teacher_sha:
+        raise UserError(f"cannot resume {str(path)!r}: it learns from another teacher than teacher={cfg.teacher} "
+                        "(SHA-256 of classifier.pt differs); choose another run.name")
     changed = recipe_changes(state["config"], cfg, FinetuneConfig)
     if changed:
         raise UserError(f"cannot resume {str(path)!r}: it was trained with another recipe ({'; '.join(changed)}); "

@@ -210,6 +210,10 @@ def read_classifier(spec: str) -> ClassifierFile:
     state = load_file(path, "classifier")
     if not isinstance(state.get("head"), dict) or "classes" not in state:
         raise UserError(f"{str(path)!r} is not a classifier.pt (no head or classes)")
+    if state.get("feature_layers"):
+        raise UserError(f"{str(path)!r} was fine-tuned from projection head layers (eval.features="
+                        f"{state.get('features', 'headK')}): export and explain take classifiers on the encoder's "
+                        "features; it serves as a teacher (finetune.py eval.mode=distill teacher=...)")
     encoder = encoder_from_state(state, path)
     refuse_non_finite(state["head"], "classifier head", path)
     return ClassifierFile(encoder, state["head"], list(state["classes"]))

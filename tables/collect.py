@@ -2,7 +2,9 @@
 
 A run counts for a planned run when its result-deciding config keys equal the plan's (``tables.plan.comparable``);
 an evaluation also has to have read the planned pretraining's encoder, which is checked by SHA-256 (the pretraining
-summary's ``encoder_sha256`` against the evaluation's ``checkpoint_sha256``), so names and paths never decide.
+summary's ``encoder_sha256`` against the evaluation's ``checkpoint_sha256``), and a distillation the planned
+teacher's classifier (the teacher's ``classifier_sha256`` against its ``teacher_sha256``), so names and paths never
+decide.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tables.plan import Plan, PlannedRun, comparable
 from tables.spec import PRETRAIN
 
 STATUS_ORDER = ("finished", "collapsed", "diverged", "unfinished")
-ENDED_AS_RESULT = ("collapsed", "diverged")  # ended without a usable value, but not a failure: never rerun  # which of several matching runs speaks for a planned run
+ENDED_AS_RESULT = ("collapsed", "diverged")  # ended without a usable value, but not a failure: never rerun
 
 
 @dataclass
@@ -33,6 +35,7 @@ class RunRecord:
     where: str = ""  # run directory or W&B run path
     progress: str = ""  # for unfinished runs: how far they got
     checkpoint: str = ""  # evaluation: the config's checkpoint (a path, or "none")
+    teacher: str = ""  # distillation: the config's teacher (a fine-tuning run directory)
 
     @property
     def encoder_sha256(self) -> Optional[str]:
@@ -66,7 +69,8 @@ def _read_run_dir(run_dir: Path) -> Optional[RunRecord]:
     typed = comparable(config, FinetuneConfig if kind == "evaluation" else PretrainConfig)
     if typed is None:
         return None
-    record = RunRecord(kind, typed, "unfinished", where=str(run_dir), checkpoint=str(config.get("checkpoint", "")))
+    record = RunRecord(kind, typed, "unfinished", where=str(run_dir), checkpoint=str(config.get("checkpoint", "")),
+                       teacher=str(config.get("teacher") or ""))
     final = run_dir / ("results.json" if kind == "evaluation" else "summary.json")
     if final.is_file():
         record.values = json.loads(final.read_text())
@@ -103,7 +107,8 @@ def wandb_records(api: Any, path: str, group: str) -> List[RunRecord]:
         status = _status(summary) if done or summary.get("status") == "diverged" else "unfinished"
         records.append(RunRecord(kind, typed, status, summary if status != "unfinished" else {},
                                  where=f"wandb:{path}/{run.id}", progress=f"W&B state {run.state}",
-                                 checkpoint=str(config.get("checkpoint", ""))))
+                                 checkpoint=str(config.get("checkpoint", "")),
+                                 teacher=str(config.get("teacher") or "")))
     return records
 
 
@@ -129,13 +134,14 @@ def describe(record: Optional[RunRecord]) -> str:
     return record.status
 
 
-def pretraining_pending(run: PlannedRun, found: Dict[str, Optional[RunRecord]]) -> Optional[str]:
-    """For an evaluation whose pretraining has not finished, that pretraining's state ('not run', 'unfinished (...)',
-    'diverged at step N'); None when there is nothing to wait for."""
-    if run.pretraining is None:
-        return None
-    pretraining = found.get(run.pretraining.name)
-    return None if pretraining is not None and pretraining.status == "finished" else describe(pretraining)
+def inputs_pending(run: PlannedRun, found: Dict[str, Optional[RunRecord]]) -> Optional[str]:
+    """For an evaluation whose pretraining or teacher has not finished, which and its state ('pretraining not run',
+    'teacher unfinished (...)', 'pretraining diverged at step N'); None when there is nothing to wait for."""
+    for needed, role in ((run.pretraining, "pretraining"), (run.teacher, "teacher")):
+        record = found.get(needed.name) if needed is not None else None
+        if needed is not None and (record is None or record.status != "finished"):
+            return f"{role} {describe(record)}"
+    return None
 
 
 def match(plan: Plan, records: Iterable[RunRecord]) -> Dict[str, Optional[RunRecord]]:
@@ -144,7 +150,8 @@ def match(plan: Plan, records: Iterable[RunRecord]) -> Dict[str, Optional[RunRec
     found: Dict[str, Optional[RunRecord]] = {}
     for run in plan.runs:  # in launch order, so a run's pretraining is already matched
         candidates = [r for r in records if r.kind == (PRETRAIN if run.stage == PRETRAIN else "evaluation")
-                      and r.config == run.expected and _reads_the_right_encoder(run, r, found)]
+                      and r.config == run.expected and _reads_the_right_encoder(run, r, found)
+                      and _learns_from_the_right_teacher(run, r, found)]
         candidates.sort(key=lambda r: (STATUS_ORDER.index(r.status) if r.status in STATUS_ORDER else 3, r.where))
         found[run.name] = candidates[0] if candidates else None
     return found
@@ -164,3 +171,15 @@ def _reads_the_right_encoder(run: PlannedRun, record: RunRecord, found: Dict[str
     named = Path(record.checkpoint).expanduser()  # relative paths: from the working directory, as launched
     home = Path(pretraining.where)
     return named.resolve() in {home.resolve(), (home / ENCODER_FILE).resolve()}
+
+
+def _learns_from_the_right_teacher(run: PlannedRun, record: RunRecord, found: Dict[str, Optional[RunRecord]]) -> bool:
+    if run.teacher is None:
+        return not record.teacher
+    teacher = found.get(run.teacher.name)
+    if teacher is None or teacher.status != "finished":
+        return False
+    if record.status == "finished":
+        return record.values.get("teacher_sha256") is not None and \
+            record.values.get("teacher_sha256") == teacher.values.get("classifier_sha256")
+    return bool(record.teacher) and Path(record.teacher).expanduser().resolve() == Path(teacher.where).resolve()

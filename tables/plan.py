@@ -57,6 +57,7 @@ class PlannedRun:
     run_dir: str  # run.dir given by the runner
     group: str  # wandb.group
     pretraining: Optional["PlannedRun"] = None  # the run whose encoder this evaluation reads
+    teacher: Optional["PlannedRun"] = None  # eval.mode=distill: the fine-tuning run whose classifier it learns from
     rows: List[str] = field(default_factory=list)  # the rows that read it
 
     @property
@@ -77,7 +78,14 @@ class PlannedRun:
         where = [f"run.dir={self.run_dir}", f"run.name={self.name}", f"wandb.group={self.group}"]
         if self.pretraining is not None:
             where.append(f"checkpoint={self.pretraining.path}")
+        if self.teacher is not None:
+            where.append(f"teacher={self.teacher.path}")
         return self.args + where
+
+    @property
+    def inputs(self) -> List["PlannedRun"]:
+        """The runs this one reads, which must finish first: its pretraining and its teacher."""
+        return [run for run in (self.pretraining, self.teacher) if run is not None]
 
 
 @dataclass
@@ -113,9 +121,14 @@ def plan_table(spec: TableSpec, seeds: Sequence[int], runs_dir: str, extra: Sequ
                     if pre_cfg.model.width is not None:
                         args.append(f"model.width={pre_cfg.model.width}")
                 cfg = _resolve(args, FinetuneConfig, spec, row)
+                teacher = by_cell[(row.teacher, seed, stage)] if row.teacher else None  # planned: an earlier row
+                if (teacher is None) != (cfg.eval.mode != "distill"):
+                    raise UserError(f"table {spec.name!r}, row {row.name!r}: evaluation {stage!r} is eval.mode="
+                                    f"{cfg.eval.mode}" + (" with a teacher; distillation is eval.mode=distill"
+                                                          if teacher else ", which needs `teacher:` (a row)"))
                 by_cell[(row.name, seed, stage)] = _add(runs, PlannedRun(
                     stage, seed, args, comparable(to_dict(cfg), FinetuneConfig), "", run_dir, spec.name,
-                    pretraining), row)
+                    pretraining, teacher), row)
     return Plan(spec, list(seeds), list(runs.values()), by_cell)
 
 
@@ -141,7 +154,8 @@ def _resolve(args: List[str], schema: type, spec: TableSpec, row: Row):
 def _add(runs: Dict[str, PlannedRun], run: PlannedRun, row: Row) -> PlannedRun:
     """Register ``run`` unless a run with the same identity exists; name it after the first row that needs it."""
     identity = json.dumps({"stage": run.stage, "expected": run.expected,
-                           "pretraining": run.pretraining.name if run.pretraining else None}, sort_keys=True)
+                           "pretraining": run.pretraining.name if run.pretraining else None,
+                           "teacher": run.teacher.name if run.teacher else None}, sort_keys=True)
     key = hashlib.sha1(identity.encode()).hexdigest()[:8]
     if key not in runs:
         suffix = "" if run.stage == PRETRAIN else f"-{run.stage}"
@@ -154,15 +168,15 @@ def _add(runs: Dict[str, PlannedRun], run: PlannedRun, row: Row) -> PlannedRun:
 
 def command(run: PlannedRun, launcher: str, nproc_per_node: int = 8, nodes: int = 1) -> str:
     """The shell command that launches ``run``: plain python, torchrun on one node, or an sbatch submission of
-    scripts/slurm.sbatch. sbatch lines keep the job id in a shell variable and evaluations depend on their
-    pretraining's job (afterok), so the sbatch lines of a table, piped to bash, submit it in the right order."""
+    scripts/slurm.sbatch. sbatch lines keep the job id in a shell variable and evaluations depend on the jobs of
+    their pretraining and teacher (afterok), so the sbatch lines of a table, piped to bash, submit it in order."""
     args = shlex.join(run.command_args())
     if launcher == "python":
         return f"python {run.script} {args}"
     if launcher == "torchrun":
         return f"torchrun --nproc-per-node {nproc_per_node} {run.script} {args}"
     script_env = "" if run.stage == PRETRAIN else "SCRIPT=finetune.py "
-    after = f" --dependency=afterok:${job_variable(run.pretraining)}" if run.pretraining else ""
+    after = (" --dependency=afterok:" + ":".join(f"${job_variable(r)}" for r in run.inputs)) if run.inputs else ""
     return (f"{job_variable(run)}=$({script_env}sbatch --parsable --nodes={nodes} --gpus-per-node={nproc_per_node}"
             f"{after} "
             f"scripts/slurm.sbatch {args})")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from tables.collect import RunRecord, describe, pretraining_pending
+from tables.collect import RunRecord, describe, inputs_pending
 from tables.plan import Plan
 from tables.spec import PRETRAIN, ROW_AXIS, Column, Row
 
@@ -54,12 +54,12 @@ def build_cells(plan: Plan, found: Dict[str, Optional[RunRecord]]) -> List[Cell]
             cell = Cell(row, column)
             for seed in plan.seeds:
                 run = plan.by_cell[(row.name, seed, column.evaluation)]
-                record, pending = found.get(run.name), pretraining_pending(run, found)
+                record, pending = found.get(run.name), inputs_pending(run, found)
                 if record is not None and record.status == "finished" and column.metric in record.values:
                     cell.values[seed] = float(record.values[column.metric])
                     cell.runs.append(record.where)
                 elif pending:
-                    cell.missing[seed] = f"pretraining {pending}"
+                    cell.missing[seed] = pending
                 elif record is not None and record.status == "finished":
                     cell.missing[seed] = f"no {column.metric} in {record.where}"
                 else:

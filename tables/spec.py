@@ -63,6 +63,8 @@ class Row:
     recipe: Optional[str] = None  # this row's pretraining recipe file (None = the table's pretrain.recipe)
     pretrain: List[str] = field(default_factory=list)  # overrides of the pretraining run
     from_scratch: bool = False  # no pretraining: evaluations start from random weights of the same encoder
+    # eval.mode=distill rows: the row (listed earlier) whose run of the same evaluation and seed is the teacher
+    teacher: Optional[str] = None
     evaluations: Dict[str, List[str]] = field(default_factory=dict)  # extra overrides per evaluation
     columns: Optional[List[str]] = None  # None = all of the table's columns
     published: Dict[str, Published] = field(default_factory=dict)  # by column name
@@ -183,6 +185,8 @@ def check_table(spec: TableSpec, path: Path) -> None:
             raise UserError(f"{where}: row {row.name!r} names unknown columns {sorted(unknown)}")
         if row.from_scratch and any(c.evaluation == PRETRAIN for c in spec.row_columns(row)):
             raise UserError(f"{where}: row {row.name!r} is from_scratch but reads a column of the pretraining run")
+        if row.teacher is not None:
+            check_teacher_row(spec, row, where)
         extra = set(row.evaluations) - set(spec.evaluations)
         if extra:
             raise UserError(f"{where}: row {row.name!r} overrides unknown evaluations {sorted(extra)}")
@@ -192,6 +196,19 @@ def check_table(spec: TableSpec, path: Path) -> None:
         check_claim(spec, claim, f"{where}: claims[{i}]")
     if not spec.seeds:
         raise UserError(f"{where}: seeds must list at least one seed")
+
+
+def check_teacher_row(spec: TableSpec, row: Row, where: str) -> None:
+    """A distillation row's teacher is an earlier row measured in every evaluation this row runs (each of its runs
+    learns from the teacher row's run of the same evaluation and seed)."""
+    earlier = [r.name for r in spec.rows[:spec.rows.index(row)]]
+    if row.teacher not in earlier:
+        raise UserError(f"{where}: row {row.name!r} names teacher {row.teacher!r}, which is not a row listed before "
+                        f"it ({', '.join(earlier) or 'none is'})")
+    teacher = next(r for r in spec.rows if r.name == row.teacher)
+    lacking = sorted(set(spec.row_evaluations(row)) - set(spec.row_evaluations(teacher)))
+    if lacking:
+        raise UserError(f"{where}: row {row.name!r} distils from {row.teacher!r}, which runs no {', '.join(lacking)}")
 
 
 def check_plot(plot: Plot, columns: set, where: str) -> None:

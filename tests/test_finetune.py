@@ -196,8 +196,8 @@ def test_evaluations_feed_the_encoder_its_pretraining_normalization(tmp_path, pr
 
 def test_head_layer_features(tmp_path, pretrained, capsys):
     """eval.features=headK: kNN and the probe read the output of the head's K-th layer, and results.json says so;
-    layers beyond the head, fine-tuning, a random encoder and files without a head are refused before anything is
-    written."""
+    layers beyond the head, a random encoder and files without a head are refused before anything is written
+    (fine-tuning from a head layer: tests/test_distill.py)."""
     from rundir.checkpoint import read_encoder
     from evaluation.inputs import features_from
     from models.heads import head_prefix
@@ -214,14 +214,15 @@ def test_head_layer_features(tmp_path, pretrained, capsys):
         torch.testing.assert_close(features_from(encoder, source, "head1").eval()(images),
                                    head_prefix(head, 1)(encoder(images)))
     assert features_from(encoder, source, "encoder") is encoder
-    assert not any(p.requires_grad for p in features.layers.parameters())
+    assert all(p.requires_grad for p in features.layers.parameters())  # trained like the encoder (fine-tuning)
+    encoder.requires_grad_(False)  # as load_encoder leaves it for kNN and the probe
+    assert not any(p.requires_grad for p in features_from(encoder, source, "head2").layers.parameters())
     headless = {k: v for k, v in torch.load(pretrained / "encoder.pt", weights_only=True).items()
                 if k not in ("head", "head_arch")}
     torch.save(headless, tmp_path / "old.pt")  # an encoder.pt of an earlier version: the encoder only
     for args, fragment in [(["eval.features=head3"], "has 2 layer(s); choose one of head1 to head2"),
                            (["eval.features=head0"], "neither encoder nor headK"),
                            (["eval.features=gh"], "neither encoder nor headK"),
-                           (["eval.features=head1", "eval.mode=finetune"], "applies to eval.mode=linear and knn"),
                            (["eval.features=head1", f"checkpoint={tmp_path / 'old.pt'}"], "holds no projection head")]:
         user_error_here(capsys, eval_args(tmp_path / "refused", f"checkpoint={pretrained}", *args), fragment)
     user_error_here(capsys, eval_args(tmp_path / "refused", "checkpoint=none", "model.arch=resnet18",

@@ -110,7 +110,7 @@ def test_gradient_clipping_bounds_the_norm_and_reports_it_before_clipping(clip):
     model = Classifier(_Tiny(), CLASSES)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: only the gradients are looked at
     x, y = _batch(16)
-    loss, norm = finetune_step(model, optimizer, x * 50, y, 0.0, label_smoothing=0.0, grad_clip=clip,
+    loss, norm = finetune_step(model, optimizer, x * 50, y, 0.0, loss_fn=classification_loss, grad_clip=clip,
                                dtype=torch.float32).tolist()
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
     assert norm > 0.05 * 2 and loss > 0

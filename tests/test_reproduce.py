@@ -348,3 +348,24 @@ def test_peer_parity_rows_run_each_peer_recipe_with_its_protocol():
     assert (knn10.eval.mode, knn10.eval.knn_k, knn10.eval.knn_vote, knn10.data.val_size) == ("knn", 10, "majority", 0)
     solo = load_config(pre["solo-learn-e1000"].args, PretrainConfig)
     assert (solo.eval.online_linear, solo.loss.temperature, solo.optim.lars_trust_coeff) == (True, 0.2, 0.02)
+
+
+def test_committed_simclr_v2_semi_records_fill_every_cell_with_their_teachers():
+    """The records committed under bench/results/tables/simclr_v2_semi (docs/evaluation.md renders them): every cell
+    has its 3 seeds, each distillation is matched to the very classifier it learnt from, every claim gets a
+    verdict."""
+    from tables.claims import check_claims
+
+    spec = load_table("simclr_v2_semi")
+    runs_dir = REPO / "bench" / "results" / "tables" / "simclr_v2_semi"
+    plan = plan_table(spec, spec.seeds, str(runs_dir))
+    found = match(plan, scan_run_dirs(runs_dir))
+    cells = build_cells(plan, found)
+    assert [len(cell.values) for cell in cells] == [len(spec.seeds)] * len(cells), [c.missing for c in cells]
+    for run in (r for r in plan.runs if r.teacher is not None):
+        student, teacher = found[run.name].values, found[run.teacher.name].values
+        assert student["mode"] == "distill" and teacher["mode"] == "finetune" and teacher["features"] == "head1"
+        assert student["teacher_sha256"] == teacher["classifier_sha256"]
+        assert student["label_fraction"] == teacher["label_fraction"]
+        assert student["data/labeled_images"] == teacher["data/train_images"] < student["data/train_images"]
+    assert len(check_claims(spec.claims, cells)) == len(spec.claims)

@@ -142,3 +142,61 @@ def test_claims_and_rows_are_checked_against_the_spec(tmp_path):
     assert [c.worse for c in select_rows(smoke, ["t0.5"]).claims] == ["t0.5"]  # the claim within the row stays
     with pytest.raises(UserError, match="has no row 't9'; its rows: t0.2, t0.5, scratch"):
         select_rows(smoke, ["t9"])
+
+
+def test_distillation_rows_learn_from_the_teacher_rows_run_of_the_same_column():
+    """simclr_v2_semi: each distillation run is launched with teacher= its teacher row's run of the same evaluation
+    and seed, waits for it (afterok on both jobs), and only a run that read that teacher's classifier counts."""
+    from tables.collect import inputs_pending
+    from tables.plan import command
+
+    plan = plan_table(load_table("simclr_v2_semi"), [0, 1], "runs")
+    for stage in ("ft1", "ft10"):
+        for seed in (0, 1):
+            student, teacher = plan.by_cell[("distill_same", seed, stage)], plan.by_cell[("from_head1", seed, stage)]
+            assert student.teacher is teacher and teacher.teacher is None
+            assert f"teacher={teacher.path}" in student.command_args() and "eval.mode=distill" in student.args
+            assert plan.runs.index(teacher) < plan.runs.index(student)
+            line = command(student, "sbatch")
+            assert f"--dependency=afterok:$job_{student.pretraining.name.replace('-', '_')}:" \
+                   f"$job_{teacher.name.replace('-', '_')} " in line
+    half = plan.by_cell[("distill_half", 0, "ft1")]
+    assert half.teacher is plan.by_cell[("from_head1", 0, "ft1")] and half.pretraining.expected["model.width"] == 4
+    student, teacher = plan.by_cell[("distill_same", 0, "ft1")], plan.by_cell[("from_head1", 0, "ft1")]
+    pretrainings = [_record(r) for r in plan.runs if r.stage == "pretrain"]
+    taught = _record(teacher)
+    taught.values["classifier_sha256"] = "cls"
+    assert inputs_pending(student, match(plan, pretrainings)) == "teacher not run"
+    assert inputs_pending(student, match(plan, pretrainings + [taught])) is None
+    other = _record(student, teacher="/elsewhere")
+    other.values["teacher_sha256"] = "another classifier"
+    assert match(plan, pretrainings + [taught, other])[student.name] is None  # learnt from another teacher
+    right = _record(student, teacher="/elsewhere")
+    right.values["teacher_sha256"] = "cls"
+    assert match(plan, pretrainings + [taught, other, right])[student.name] is right
+    assert match(plan, pretrainings + [_record(student, teacher="")])[student.name] is None
+
+
+def test_teacher_rows_are_checked_against_the_spec(tmp_path):
+    import pytest
+    import yaml
+
+    from core.errors import UserError
+    from tables.spec import REPO
+
+    spec = yaml.safe_load((REPO / "configs" / "tables" / "simclr_v2_semi.yaml").read_text())
+    rows = {row["name"]: row for row in spec["rows"]}
+    cases = [({**rows["distill_same"], "teacher": "supervised"}, "which is not a row listed before it"),
+             ({**rows["distill_same"], "teacher": "distill_same"}, "which is not a row listed before it"),
+             ({**rows["distill_same"], "teacher": None}, "eval.mode=distill, which needs `teacher:`"),
+             ({**rows["from_head1"], "name": "taught", "teacher": "from_encoder"}, "with a teacher; distillation is")]
+    for row, fragment in cases:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({**spec, "claims": [], "rows": [
+            rows["from_encoder"], rows["from_head1"], {**row, "name": row.get("name") + "_x"}, rows["supervised"]]}))
+        with pytest.raises(UserError, match=fragment):
+            plan_table(load_table(str(path)), [0], "runs")
+    narrow = {**rows["from_head1"], "columns": ["ft1"]}
+    path.write_text(yaml.safe_dump({**spec, "claims": [], "rows": [narrow, rows["distill_same"]]}))
+    with pytest.raises(UserError, match="distils from 'from_head1', which runs no ft10"):
+        load_table(str(path))
