@@ -35,8 +35,9 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
     if cfg.optim.layer_decay < 1:
         used.append("optim.layer_decay")
     if used and cfg.eval.mode not in TRAINED_MODES:
-        raise UserError(f"{', '.join(used)} apply to eval.mode=finetune (and distill) only, not "
-                        f"eval.mode={cfg.eval.mode}")
+        modes = "eval.mode=finetune" if cfg.train.mixup_alpha or cfg.train.cutmix_alpha else \
+            "eval.mode=finetune and distill"  # a student learns on the views themselves: no mixing
+        raise UserError(f"{', '.join(used)} apply to {modes} only, not eval.mode={cfg.eval.mode}")
     if cfg.optim.layer_decay < 1 and not is_vit(arch):
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
     if cfg.eval.explain and cfg.eval.mode == "knn":

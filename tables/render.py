@@ -96,7 +96,12 @@ def setting_text(row: Row) -> str:
     parts = ["no pretraining (random init)"] if row.from_scratch else []
     parts += [f"recipe `{Path(row.recipe).name}`"] if row.recipe else []
     parts += [f"`{o}`" for o in row.pretrain]
-    parts += [f"`{o}` ({name})" for name, overrides in row.evaluations.items() for o in overrides]
+    used_by: Dict[str, List[str]] = {}  # an override -> the evaluations it applies to, named once
+    for name, overrides in row.evaluations.items():
+        for override in overrides:
+            used_by.setdefault(override, []).append(name)
+    parts += [f"`{o}` ({', '.join(names)})" for o, names in used_by.items()]
+    parts += [f"teacher: {row.teacher}"] if row.teacher else []
     return "; ".join(filter(None, [", ".join(parts) or "base recipe", row.note]))
 
 
@@ -173,12 +178,13 @@ def plot_png(plan: Plan, cells: List[Cell], path: Path) -> Optional[Path]:
             if spec.plot.series and setting[c.row.name].get(spec.plot.series) != label:
                 continue
             x = xs.index(setting[c.row.name][spec.plot.x]) - 0.4 + width * (i + 0.5)
-            if c.mean is not None:
-                ax.bar(x, c.mean, width, yerr=c.std or 0, color=f"C{i}", capsize=2)
+            if c.mean is not None:  # the series' first bar carries its legend entry
+                named = label is not None and not any(h.get_label() == f"{spec.plot.series}={label}"
+                                                      for h in ax.containers)
+                ax.bar(x, c.mean, width, yerr=c.std or 0, color=f"C{i}", capsize=2,
+                       label=f"{spec.plot.series}={label}" if named else None)
             if c.published is not None and c.published.value is not None:
                 ax.plot(x, c.published.value, "k*", markersize=10)
-        if label is not None:
-            ax.bar([], [], color=f"C{i}", label=f"{spec.plot.series}={label}")
     for j, c in enumerate(c for c in chosen if c.row.from_scratch and c.mean is not None):
         ax.axhline(c.mean, color=f"C{len(series) + j}", linestyle="--", label=f"{c.row.name} (no pretraining)")
     ax.plot([], [], "k*", label="published")
@@ -213,9 +219,10 @@ def _plot_by_row(plan: Plan, cells: List[Cell], path: Path, plt) -> Path:
             if cell is None or cell.mean is None:
                 continue
             x = j - 0.4 + width * (i + 0.5)
-            ax.bar(x, cell.mean, width, yerr=cell.std or 0, color=f"C{i}", capsize=2)
+            first = not any(h.get_label() == (columns[name].label or name) for h in ax.containers)
+            ax.bar(x, cell.mean, width, yerr=cell.std or 0, color=f"C{i}", capsize=2,
+                   label=(columns[name].label or name) if first else None)  # the column's first bar names it
             ax.plot([x] * len(cell.values), list(cell.values.values()), "k.", markersize=3)
-        ax.bar([], [], color=f"C{i}", label=columns[name].label or name)
     shown = [c.mean for c in cells if c.column.name in names and c.mean is not None]
     if shown:
         ax.set_ylim(bottom=max(0.0, min(shown) - 5.0), top=max(shown) + 3.0)

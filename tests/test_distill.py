@@ -120,10 +120,10 @@ def test_distillation_into_a_half_width_student_leaves_the_teacher_untouched(tea
 
 
 def test_distillation_stopped_by_a_signal_resumes_to_the_same_results(teacher_run, pretrained_v2, tmp_path):
-    args = distill_args(tmp_path / "whole", "s", teacher_run, f"checkpoint={pretrained_v2}", "train.epochs=3")
+    args = distill_args(tmp_path / "whole", "s", teacher_run, f"checkpoint={pretrained_v2}")  # 20 steps
     whole = run_entry("finetune.py", *args)
     assert whole.returncode == 0, whole.stderr
-    cut = distill_args(tmp_path / "cut", "s", teacher_run, f"checkpoint={pretrained_v2}", "train.epochs=3")
+    cut = distill_args(tmp_path / "cut", "s", teacher_run, f"checkpoint={pretrained_v2}")
     proc = subprocess.Popen([sys.executable, str(REPO / "finetune.py"), *cut], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:

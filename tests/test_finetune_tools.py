@@ -162,7 +162,8 @@ def test_layer_decay_scales_vit_blocks_geometrically_and_keeps_the_head_at_the_f
 
 @pytest.mark.parametrize("args, fragment", [
     (["eval.mode=linear", "train.mixup_alpha=0.8"], "train.mixup_alpha apply to eval.mode=finetune only"),
-    (["eval.mode=knn", "train.ema_decay=0.99", "optim.layer_decay=0.7"], "train.ema_decay, optim.layer_decay apply"),
+    (["eval.mode=knn", "train.ema_decay=0.99", "optim.layer_decay=0.7"],
+     "train.ema_decay, optim.layer_decay apply to eval.mode=finetune and distill only"),
     (["eval.mode=finetune", "optim.layer_decay=0.7"], "optim.layer_decay applies to ViTs"),
     (["eval.mode=finetune", "train.ema_decay=1.0"], "train.ema_decay=1.0 must be < 1"),
     (["eval.mode=finetune", "train.mix_prob=1.5"], "train.mix_prob=1.5 is out of range"),
