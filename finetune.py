@@ -192,14 +192,16 @@ def evaluate(cfg: FinetuneConfig, encoder: torch.nn.Module, splits: LabeledSplit
                                  refit_allowed=cfg.eval.label_fraction == 1 or cfg.eval.val_share_of_labels > 0,
                                  log=say)
     distilled = {} if teacher is None else {
-        "targets_fn": DistillTargets(teacher, splits, splits.labeled),
+        "targets_fn": DistillTargets(teacher, splits),
         "loss_fn": partial(distill_loss, temperature=cfg.distill.temperature, label_weight=cfg.distill.label_weight)}
     return finetune_evaluation(encoder, splits, cfg.train, cfg.optim, seed=cfg.seed, dtype=dtype,
                                val_every=cfg.eval.val_every, metrics=metrics, state=state, **distilled)
 
 
 def final_epoch(cfg: FinetuneConfig) -> int:
-    return {"finetune": cfg.train.epochs, "distill": cfg.train.epochs, "linear": cfg.probe.epochs}.get(cfg.eval.mode, 0)
+    if cfg.eval.mode in TRAINED_MODES:
+        return cfg.train.epochs
+    return cfg.probe.epochs if cfg.eval.mode == "linear" else 0
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def run_missing(plan: Plan, runs_dir: Path, launcher: str, nproc_per_node: int) 
             print(f"reproduce: {run.name}: {describe(record)} ({record.where}), skipped", flush=True)
             continue
         if pending:
-            print(f"reproduce: {run.name}: skipped, its {pending.replace(' ', ' is ', 1)}", flush=True)
+            print(f"reproduce: {run.name}: skipped, its {pending[0]} is {pending[1]}", flush=True)
             continue
         run_args, where = resumable(run, record)
         print(f"reproduce: {run.name}: {'resuming' if record else 'starting'} in {where}", flush=True)

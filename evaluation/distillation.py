@@ -18,8 +18,8 @@ from torch import nn
 
 from core.errors import UserError
 from evaluation.evaluate import LabeledSplits
-from models.heads import HeadFeatures, head_prefix, projection_head
-from rundir.checkpoint import CLASSIFIER_FILE, encoder_from_state, load_file, load_strict, sha256_of
+from models.heads import HeadFeatures, head_prefix
+from rundir.checkpoint import CLASSIFIER_FILE, encoder_from_state, head_from_arch, load_file, load_strict, sha256_of
 
 SPLIT_KEYS = ("name", "val_size", "train_limit", "split_seed")  # data.*: the teacher's validation split is ours
 
@@ -59,10 +59,7 @@ def read_teacher(spec: str, device: torch.device) -> Teacher:
     features: nn.Module = encoder
     if state.get("feature_layers"):
         layers = state["feature_layers"]
-        arch = dict(layers["head_arch"])
-        head = projection_head(encoder.feature_dim, arch.pop("hidden_dim") or encoder.feature_dim,
-                               arch.pop("out_dim") or encoder.feature_dim, **arch)
-        prefix = head_prefix(head, int(layers["layers"]))
+        prefix = head_prefix(head_from_arch(encoder.feature_dim, layers["head_arch"]), int(layers["layers"]))
         load_strict(prefix, layers["state"], f"the teacher's head layers in {str(path)!r}")
         features = HeadFeatures(encoder, prefix)
     linear = nn.Linear(state["head"]["weight"].shape[1], state["head"]["weight"].shape[0])
@@ -95,14 +92,14 @@ def check_teacher(teacher: Teacher, splits: LabeledSplits, image_size: int, data
 class DistillTargets:
     """What the student learns on one batch: (teacher logits [B, C], labels [B], labeled mask [B])."""
 
-    def __init__(self, teacher: Teacher, splits: LabeledSplits, labeled: torch.Tensor) -> None:
+    def __init__(self, teacher: Teacher, splits: LabeledSplits) -> None:
         device = splits.train_labels.device
         view = dict(device=device, dtype=torch.float32)
         # x_teacher = (x * std_s + mean_s - mean_t) / std_t: the student's normalized views in the teacher's terms
         s_mean, s_std = (torch.tensor(v, **view).view(1, 3, 1, 1) for v in (splits.mean, splits.std))
         t_mean, t_std = (torch.tensor(v, **view).view(1, 3, 1, 1) for v in (teacher.mean, teacher.std))
         self.scale, self.shift = s_std / t_std, (s_mean - t_mean) / t_std
-        self.teacher, self.labels, self.labeled = teacher.model, splits.train_labels, labeled
+        self.teacher, self.labels, self.labeled = teacher.model, splits.train_labels, splits.labeled
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> tuple:

@@ -34,9 +34,10 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
     used = [f"train.{key}" for key in TOOLKIT_KEYS if getattr(cfg.train, key)]
     if cfg.optim.layer_decay < 1:
         used.append("optim.layer_decay")
+    mixing = cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
     if used and cfg.eval.mode not in TRAINED_MODES:
-        modes = "eval.mode=finetune" if cfg.train.mixup_alpha or cfg.train.cutmix_alpha else \
-            "eval.mode=finetune and distill"  # a student learns on the views themselves: no mixing
+        # a student learns on the views themselves: no mixing
+        modes = "eval.mode=finetune" if mixing else "eval.mode=finetune and distill"
         raise UserError(f"{', '.join(used)} apply to {modes} only, not eval.mode={cfg.eval.mode}")
     if cfg.optim.layer_decay < 1 and not is_vit(arch):
         raise UserError(f"optim.layer_decay applies to ViTs (their blocks are the layers), not {arch}; leave it at 1")
@@ -45,7 +46,6 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
     if cfg.train.micro_batch:
         raise UserError("train.micro_batch is pretraining's (a contrastive loss over the whole batch); fine-tuning "
                         "takes whole batches: lower train.batch_size instead")
-    mixing = cfg.train.mixup_alpha > 0 or cfg.train.cutmix_alpha > 0
     if cfg.train.mix_prob != 1.0 and not mixing:
         raise UserError(f"train.mix_prob={cfg.train.mix_prob} has no effect without train.mixup_alpha or "
                         "train.cutmix_alpha > 0")
@@ -62,6 +62,9 @@ def check_config(cfg: FinetuneConfig, dtype: torch.dtype, arch: str) -> None:
                         "predicts the targets")
     if cfg.teacher and cfg.eval.mode != "distill":
         raise UserError(f"teacher= applies to eval.mode=distill only, not eval.mode={cfg.eval.mode}")
+    if cfg.eval.mode == "distill" and cfg.eval.val_share_of_labels:
+        raise UserError("eval.val_share_of_labels applies to fine-tuning; a distilled student is selected on the "
+                        "validation split held out of train (data.val_size), as its teacher should be")
     if cfg.eval.mode == "distill" and mixing:
         raise UserError("train.mixup_alpha and train.cutmix_alpha apply to eval.mode=finetune: a distilled student "
                         "learns the teacher's predictions on the views themselves")
@@ -144,22 +147,17 @@ def load_labeled_splits(cfg: FinetuneConfig, source: Optional[EncoderFile], devi
         f"{dist.world_size()} process(es)")
     if not len(data.test_labels):
         raise UserError(f"data.root {cfg.data.root!r} has no test split (test/<class>/*); evaluations score it")
-    if cfg.eval.mode == "finetune" and cfg.train.batch_size > len(train_idx):
-        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_idx)} labeled training "
-                        "images; lower train.batch_size")
     statistics = source.statistics() if source else image_statistics(data.train_images[train_idx])
     labeled = None
     if cfg.eval.mode == "distill":  # the student trains on every training image; the fraction's labels are marked
-        if cfg.eval.val_share_of_labels:
-            raise UserError("eval.val_share_of_labels applies to fine-tuning; a distilled student is selected on the "
-                            "validation split held out of train (data.val_size), as its teacher should be")
         pool, _ = split_labeled(data.train_labels, cfg.data.val_size, 1.0, cfg.data.train_limit, cfg.data.split_seed)
         labeled, train_idx = torch.isin(pool, train_idx).to(device), pool
         say(f"data: the student learns the teacher's predictions on all {len(pool)} training images, "
             f"{int(labeled.sum())} of them labeled")
-        if cfg.train.batch_size > len(pool):
-            raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(pool)} training images; "
-                            "lower train.batch_size")
+    if cfg.eval.mode in TRAINED_MODES and cfg.train.batch_size > len(train_idx):
+        images = "labeled training" if labeled is None else "training"
+        raise UserError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train_idx)} {images} images; "
+                        "lower train.batch_size")
     return LabeledSplits(data.train_images[train_idx].to(device), data.train_labels[train_idx].to(device),
                          data.train_images[val_idx].to(device), data.train_labels[val_idx].to(device),
                          data.test_images.to(device), data.test_labels.to(device), list(data.classes),

@@ -103,10 +103,15 @@ class EncoderFile:
         if self.head is None or self.head_arch is None:
             raise UserError(f"{str(self.path)!r} holds no projection head (encoder.pt files of earlier versions kept "
                             "the encoder only): use the run's checkpoints/last.pt, or eval.features=encoder")
-        arch = dict(self.head_arch)
-        head = projection_head(in_dim, arch.pop("hidden_dim") or in_dim, arch.pop("out_dim") or in_dim, **arch)
+        head = head_from_arch(in_dim, self.head_arch)
         load_strict(head, self.head, f"the projection head of {str(self.path)!r}")
         return head
+
+
+def head_from_arch(in_dim: int, recorded: dict) -> nn.Sequential:
+    """A projection head with fresh weights, built from a recorded head_arch() (hidden and out dims of None: in_dim)."""
+    arch = dict(recorded)
+    return projection_head(in_dim, arch.pop("hidden_dim") or in_dim, arch.pop("out_dim") or in_dim, **arch)
 
 
 def head_arch(model_cfg: dict) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -134,14 +134,19 @@ def describe(record: Optional[RunRecord]) -> str:
     return record.status
 
 
-def inputs_pending(run: PlannedRun, found: Dict[str, Optional[RunRecord]]) -> Optional[str]:
-    """For an evaluation whose pretraining or teacher has not finished, which and its state ('pretraining not run',
-    'teacher unfinished (...)', 'pretraining diverged at step N'); None when there is nothing to wait for."""
+def inputs_pending(run: PlannedRun, found: Dict[str, Optional[RunRecord]]) -> Optional[Tuple[str, str]]:
+    """For an evaluation whose pretraining or teacher has not finished, which and its state (('pretraining', 'not
+    run'), ('teacher', 'unfinished (...)'), ('pretraining', 'diverged at step N')); None when nothing is awaited."""
     for needed, role in ((run.pretraining, "pretraining"), (run.teacher, "teacher")):
-        record = found.get(needed.name) if needed is not None else None
-        if needed is not None and (record is None or record.status != "finished"):
-            return f"{role} {describe(record)}"
+        if needed is not None and _finished(needed, found) is None:
+            return role, describe(found.get(needed.name))
     return None
+
+
+def _finished(needed: Optional[PlannedRun], found: Dict[str, Optional[RunRecord]]) -> Optional[RunRecord]:
+    """The finished record matched to a planned run another one reads; None if it is not (yet) finished."""
+    record = found.get(needed.name) if needed is not None else None
+    return record if record is not None and record.status == "finished" else None
 
 
 def match(plan: Plan, records: Iterable[RunRecord]) -> Dict[str, Optional[RunRecord]]:
@@ -162,24 +167,26 @@ def _reads_the_right_encoder(run: PlannedRun, record: RunRecord, found: Dict[str
         return True
     if run.pretraining is None:
         return record.checkpoint.lower() == "none"
-    pretraining = found.get(run.pretraining.name)
-    if pretraining is None or pretraining.status != "finished":
-        return False
-    if record.status == "finished":
-        return record.checkpoint_sha256 is not None and record.checkpoint_sha256 == pretraining.encoder_sha256
-    # an evaluation that has not written results.json yet: only its config's path says what it reads
-    named = Path(record.checkpoint).expanduser()  # relative paths: from the working directory, as launched
-    home = Path(pretraining.where)
-    return named.resolve() in {home.resolve(), (home / ENCODER_FILE).resolve()}
+    pretraining = _finished(run.pretraining, found)
+    return pretraining is not None and _read(record, record.checkpoint_sha256, pretraining.encoder_sha256,
+                                             record.checkpoint, Path(pretraining.where), ENCODER_FILE)
 
 
 def _learns_from_the_right_teacher(run: PlannedRun, record: RunRecord, found: Dict[str, Optional[RunRecord]]) -> bool:
     if run.teacher is None:
         return not record.teacher
-    teacher = found.get(run.teacher.name)
-    if teacher is None or teacher.status != "finished":
-        return False
+    teacher = _finished(run.teacher, found)
+    return teacher is not None and _read(record, record.values.get("teacher_sha256"),
+                                         teacher.values.get("classifier_sha256"), record.teacher, Path(teacher.where))
+
+
+def _read(record: RunRecord, recorded_sha: Optional[str], produced_sha: Optional[str], named: str, home: Path,
+          *files: str) -> bool:
+    """Whether ``record`` read the file another run produced: by the SHA-256 it recorded once finished; before that
+    only its config's path (``named``: the run directory ``home`` or one of its ``files``) says what it reads."""
     if record.status == "finished":
-        return record.values.get("teacher_sha256") is not None and \
-            record.values.get("teacher_sha256") == teacher.values.get("classifier_sha256")
-    return bool(record.teacher) and Path(record.teacher).expanduser().resolve() == Path(teacher.where).resolve()
+        return recorded_sha is not None and recorded_sha == produced_sha
+    if not named:
+        return False
+    named_path = Path(named).expanduser().resolve()  # relative paths: from the working directory, as launched
+    return named_path in {home.resolve(), *((home / f).resolve() for f in files)}

@@ -59,7 +59,7 @@ def build_cells(plan: Plan, found: Dict[str, Optional[RunRecord]]) -> List[Cell]
                     cell.values[seed] = float(record.values[column.metric])
                     cell.runs.append(record.where)
                 elif pending:
-                    cell.missing[seed] = pending
+                    cell.missing[seed] = " ".join(pending)
                 elif record is not None and record.status == "finished":
                     cell.missing[seed] = f"no {column.metric} in {record.where}"
                 else:
@@ -174,15 +174,15 @@ def plot_png(plan: Plan, cells: List[Cell], path: Path) -> Optional[Path]:
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(xs) * max(1, len(series)) ** 0.5), 4))
     for i, label in enumerate(series):
+        named = False
         for c in swept:
             if spec.plot.series and setting[c.row.name].get(spec.plot.series) != label:
                 continue
             x = xs.index(setting[c.row.name][spec.plot.x]) - 0.4 + width * (i + 0.5)
             if c.mean is not None:  # the series' first bar carries its legend entry
-                named = label is not None and not any(h.get_label() == f"{spec.plot.series}={label}"
-                                                      for h in ax.containers)
                 ax.bar(x, c.mean, width, yerr=c.std or 0, color=f"C{i}", capsize=2,
-                       label=f"{spec.plot.series}={label}" if named else None)
+                       label=f"{spec.plot.series}={label}" if label is not None and not named else None)
+                named = True
             if c.published is not None and c.published.value is not None:
                 ax.plot(x, c.published.value, "k*", markersize=10)
     for j, c in enumerate(c for c in chosen if c.row.from_scratch and c.mean is not None):
@@ -214,14 +214,15 @@ def _plot_by_row(plan: Plan, cells: List[Cell], path: Path, plt) -> Path:
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(spec.rows) * len(names) ** 0.5), 4.2))
     for i, name in enumerate(names):
+        named = False
         for j, row in enumerate(spec.rows):
             cell = by_key.get((row.name, name))
             if cell is None or cell.mean is None:
                 continue
             x = j - 0.4 + width * (i + 0.5)
-            first = not any(h.get_label() == (columns[name].label or name) for h in ax.containers)
             ax.bar(x, cell.mean, width, yerr=cell.std or 0, color=f"C{i}", capsize=2,
-                   label=(columns[name].label or name) if first else None)  # the column's first bar names it
+                   label=None if named else columns[name].label or name)  # the column's first bar names it
+            named = True
             ax.plot([x] * len(cell.values), list(cell.values.values()), "k.", markersize=3)
     shown = [c.mean for c in cells if c.column.name in names and c.mean is not None]
     if shown:

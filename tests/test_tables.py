@@ -166,7 +166,7 @@ def test_distillation_rows_learn_from_the_teacher_rows_run_of_the_same_column():
     pretrainings = [_record(r) for r in plan.runs if r.stage == "pretrain"]
     taught = _record(teacher)
     taught.values["classifier_sha256"] = "cls"
-    assert inputs_pending(student, match(plan, pretrainings)) == "teacher not run"
+    assert inputs_pending(student, match(plan, pretrainings)) == ("teacher", "not run")
     assert inputs_pending(student, match(plan, pretrainings + [taught])) is None
     other = _record(student, teacher="/elsewhere")
     other.values["teacher_sha256"] = "another classifier"
